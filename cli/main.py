@@ -1,0 +1,58 @@
+"""The ``microsr-tf`` command group; subcommands are imported only when run, so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import click
+
+# name -> (module inside microsr_tf.cli, one-line help shown by `microsr-tf --help`)
+COMMANDS = {
+    "demo": ("demo", "Run the whole pipeline on a bundled phantom and model: predict, preview, report."),
+    "phantom": ("phantom", "Write synthetic temporal-bone phantoms (unpaired LR/HR sets + a paired test subject)."),
+    "prepare": ("prepare", "Extract training patches once into TFRecord shards for fast streaming."),
+    "train": ("train", "Train the CycleGAN on unpaired LR and HR NIfTI folders."),
+    "predict": ("predict", "Super-resolve NIfTI volumes into posterior mean and variance volumes."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands live in modules imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, (module, _) in COMMANDS.items() if _available(module)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS or not _available(COMMANDS[name][0]):
+            return None
+        module = importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
+        return module.command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(f"{__package__}.{module}") is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="microsr-tf")
+def cli() -> None:
+    """microsr-tf: clinical CT to micro-CT super-resolution that says how sure it is."""
+
+
+def main() -> None:
+    """Console entry point; quiets TensorFlow's C++ start-up chatter unless asked otherwise."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cli(prog_name="microsr-tf")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

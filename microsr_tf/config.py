@@ -1,0 +1,237 @@
+"""One typed configuration for data, model and training, loadable from YAML, overridable by flags.
+
+Defaults follow the paper (section 2 "Implementation", section 3): 256 px patches at stride 128,
+batch 5, Adam at 1e-4, 50 epochs, lambda_rec = 10, lambda_adv = 1, nine residual blocks, T = 100.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError, InputError
+
+DROPOUT_POSITIONS = ("bottleneck", "resblocks", "none")
+UPSAMPLE_KINDS = ("transpose", "resize")
+GAN_LOSSES = ("bce", "lsgan")
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+
+
+@dataclass
+class DataConfig:
+    """How slices become training patches."""
+
+    patch_size: int = 256
+    stride: int = 128
+    min_foreground: float = 0.1  # reject patches with less foreground than this fraction
+    roi_threshold: float | None = None  # None: Otsu per volume; else a value in input units
+    roi_margin: int = 16  # pixels kept around the per-slice bounding box
+    axis: int = -1  # slice axis of the input volumes
+    shuffle_buffer: int = 512
+    seed: int | None = None  # None: nondeterministic order; an int: reproducible streams
+    shards_dir: str | None = None  # stream from `microsr-tf prepare` TFRecord shards instead
+
+    def validate(self) -> None:
+        if self.patch_size < 8 or self.patch_size % 4:
+            raise ConfigError(f"data.patch_size must be a multiple of 4 and >= 8, got {self.patch_size}")
+        if self.stride < 1:
+            raise ConfigError(f"data.stride must be positive, got {self.stride}")
+        if not 0.0 <= self.min_foreground <= 1.0:
+            raise ConfigError(f"data.min_foreground must be in [0, 1], got {self.min_foreground}")
+        if self.roi_margin < 0:
+            raise ConfigError(f"data.roi_margin must be >= 0, got {self.roi_margin}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+
+
+@dataclass
+class ModelConfig:
+    """Generator and critic architecture (ResNet generator, 70x70 PatchGAN)."""
+
+    ngf: int = 64  # generator base filters
+    n_blocks: int = 9  # residual blocks in the generator trunk
+    upsample: str = "transpose"  # "transpose" (paper) or "resize" (nearest + conv, no checkerboard)
+    dropout_rate: float = 0.5
+    dropout_position: str = "bottleneck"  # "bottleneck", "resblocks" or "none"
+    ndf: int = 64  # critic base filters
+    n_layers_d: int = 3  # stride-2 layers in the PatchGAN critic (3 -> 70x70 receptive field)
+
+    def validate(self) -> None:
+        if self.ngf < 1 or self.ndf < 1:
+            raise ConfigError("model.ngf and model.ndf must be positive")
+        if self.n_blocks < 0:
+            raise ConfigError(f"model.n_blocks must be >= 0, got {self.n_blocks}")
+        if self.upsample not in UPSAMPLE_KINDS:
+            raise ConfigError(f"model.upsample must be one of {UPSAMPLE_KINDS}, got {self.upsample!r}")
+        if self.dropout_position not in DROPOUT_POSITIONS:
+            raise ConfigError(
+                f"model.dropout_position must be one of {DROPOUT_POSITIONS}, got {self.dropout_position!r}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ConfigError(f"model.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.n_layers_d < 1:
+            raise ConfigError(f"model.n_layers_d must be >= 1, got {self.n_layers_d}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, losses, logging and checkpointing."""
+
+    epochs: int = 50
+    steps_per_epoch: int | None = None  # None: one pass over the smaller of the two patch sets
+    batch_size: int = 5  # global batch size, split across replicas
+    learning_rate: float = 1e-4
+    beta_1: float = 0.5
+    decay_start_epoch: int | None = None  # linear decay to 0 from this epoch on; None: constant
+    lambda_rec: float = 10.0
+    lambda_adv: float = 1.0
+    lambda_identity: float = 0.0  # identity loss weight (relative to lambda_rec); 0 disables it
+    gan_loss: str = "bce"  # "bce" (log loss, the paper) or "lsgan"
+    pool_size: int = 0  # history of generated images for the critics; 0 disables, 50 as CycleGAN
+    strategy: str = "auto"
+    checkpoint_every: int = 100  # steps between checkpoints
+    log_every: int = 10  # steps between scalar summaries
+    image_every: int = 100  # steps between TensorBoard image panels
+    n_val_patches: int = 4  # fixed validation patches shown in the image panel
+    mc_samples_val: int = 8  # MC dropout samples for the variance map in the panel
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ConfigError(f"train.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if self.gan_loss not in GAN_LOSSES:
+            raise ConfigError(f"train.gan_loss must be one of {GAN_LOSSES}, got {self.gan_loss!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"train.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.pool_size < 0:
+            raise ConfigError(f"train.pool_size must be >= 0, got {self.pool_size}")
+        if self.decay_start_epoch is not None and not 0 <= self.decay_start_epoch < self.epochs:
+            raise ConfigError("train.decay_start_epoch must be in [0, epochs)")
+        for name in ("checkpoint_every", "log_every", "image_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1")
+
+
+@dataclass
+class Config:
+    """The whole run: data, model and training sections."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.data.validate()
+        self.model.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "Config":
+        """Build from nested ``{section: {key: value}}``; unknown sections or keys are errors."""
+        cfg = cls()
+        return cfg.override(raw, source)
+
+    def override(self, raw: Mapping[str, Any] | None, source: str = "override") -> "Config":
+        """Return a copy with ``raw`` (nested mapping) applied; None values leave defaults alone."""
+        new = dataclasses.replace(
+            self,
+            data=dataclasses.replace(self.data),
+            model=dataclasses.replace(self.model),
+            train=dataclasses.replace(self.train),
+        )
+        if raw is None:
+            return new.validate()
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        sections = {f.name for f in dataclasses.fields(new)}
+        for section, values in raw.items():
+            if section not in sections:
+                raise ConfigError(f"{source}: unknown config section {section!r} (known: {sorted(sections)})")
+            if values is None:
+                continue
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"{source}: section {section!r} must be a mapping")
+            target = getattr(new, section)
+            known = {f.name: f for f in dataclasses.fields(target)}
+            for key, value in values.items():
+                if key not in known:
+                    raise ConfigError(
+                        f"{source}: unknown config key {section}.{key} (known: {', '.join(sorted(known))})")
+                if value is None and key not in _NULLABLE:
+                    continue
+                setattr(target, key, _coerce(value, known[key], f"{section}.{key}", source))
+        return new.validate()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> "Config":
+        """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""
+        cfg = cls()
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    raw = yaml.safe_load(fh)
+            except FileNotFoundError:
+                raise InputError(path, "config file not found") from None
+            except yaml.YAMLError as exc:
+                first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+                raise InputError(path, f"not valid YAML ({first})") from None
+            try:
+                cfg = cfg.override(raw or {}, source=os.fspath(path))
+            except ConfigError as exc:
+                raise ConfigError(str(exc)) from None
+        return cfg.override(overrides or {}, source="command line")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML, atomically."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml.tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+# Keys whose explicit `null` in YAML means "None", not "keep the default".
+_NULLABLE = {"roi_threshold", "seed", "shards_dir", "steps_per_epoch", "decay_start_epoch"}
+
+
+def _coerce(value: Any, fld: dataclasses.Field, key: str, source: str) -> Any:
+    """Check and convert a YAML/flag value to the field's declared type."""
+    kind = fld.type if isinstance(fld.type, str) else getattr(fld.type, "__name__", str(fld.type))
+    if value is None:
+        return None
+    try:
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind.startswith("str"):
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {key} must be of type {kind}, got {value!r}") from None
+    return value

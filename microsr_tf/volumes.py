@@ -1,0 +1,465 @@
+"""NIfTI volumes in and out: lazy slice-by-slice reading with validation, resampled grids, atomic writing.
+
+Reading never loads a whole volume: slices come through nibabel's array proxy, so a 1828^3 micro-CT
+(12 GB as int16) streams in bounded memory. Slices along the last axis are contiguous on disk and are
+read one at a time; slices along another axis gather from the whole file, so they are assembled from
+slabs of the last axis (see :meth:`Volume.iter_slices` for the cost).
+
+Writing goes to a hidden temporary file in the destination directory through a ``np.memmap`` and is
+renamed into place only when every slice has been written, so an interrupted run leaves nothing at
+the final path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import secrets
+import shutil
+import struct
+import weakref
+import zlib
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import nibabel as nib
+import numpy as np
+from nibabel.arrayproxy import ArrayProxy
+from nibabel.nifti1 import Nifti1Header
+from nibabel.nifti2 import Nifti2Header
+
+from .errors import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SLAB_BYTES = 64 << 20  # bytes of one last-axis slab read when gathering slices along another axis
+GATHER_BYTES = 256 << 20  # bytes of float32 output slices gathered per pass over the file
+_GZIP_CHUNK = 16 << 20
+_NIFTI1_MAX_DIM = 32767  # dim[] is int16 in NIfTI-1
+
+
+def is_nifti_name(path: str | os.PathLike) -> bool:
+    """True for names ending in ``.nii`` or ``.nii.gz`` (any case)."""
+    return os.fspath(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """The file name without its ``.nii`` / ``.nii.gz`` suffix (``scan.nii.gz`` -> ``scan``)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def in_plane_axes(axis: int) -> tuple[int, int]:
+    """The two axes of a 3-D volume other than ``axis``, in their original order."""
+    ax = _normalize_axis(axis)
+    a, b = (i for i in range(3) if i != ax)
+    return a, b
+
+
+def _normalize_axis(axis: int) -> int:
+    if not -3 <= int(axis) <= 2:
+        raise ValueError(f"axis must be in [-3, 2] for a 3-D volume, got {axis}")
+    return int(axis) % 3
+
+
+class Volume:
+    """A validated 3-D NIfTI volume whose voxels are read lazily, one slice at a time.
+
+    Create with :func:`open_volume`. Slices are 2-D ``float32`` arrays with ``scl_slope``/``scl_inter``
+    applied; a slice holding NaN or Inf raises :class:`InputError`. A ``.nii.gz`` keeps one
+    decompression stream open, so reading slices in increasing order along the last axis costs one
+    pass over the file; call :meth:`close` (or use ``with``) to release it early.
+    """
+
+    def __init__(self, path: Path, img: nib.Nifti1Image, shape: tuple[int, int, int]):
+        self.path = path
+        self.shape = shape
+        self.header = img.header
+        self.affine = np.array(img.affine, dtype=np.float64)
+        self.spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        self.dtype = np.dtype(img.get_data_dtype())
+        proxy = img.dataobj
+        self._spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
+        self._proxy: ArrayProxy | None = None  # opened on first read, kept open until close()
+        self._trailing = (0,) if len(img.shape) == 4 else ()  # index of a squeezed singleton 4th dim
+
+    def __repr__(self) -> str:
+        return f"Volume({os.fspath(self.path)!r}, shape={self.shape}, spacing={self.spacing}, dtype={self.dtype})"
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the open file handle; later reads reopen the file."""
+        self._proxy = None  # ArrayProxy closes its file when dropped
+
+    def n_slices(self, axis: int = -1) -> int:
+        """Number of slices along ``axis``."""
+        return self.shape[_normalize_axis(axis)]
+
+    def slice_shape(self, axis: int = -1) -> tuple[int, int]:
+        """Shape of one slice along ``axis`` (the two in-plane sizes)."""
+        a, b = in_plane_axes(axis)
+        return self.shape[a], self.shape[b]
+
+    def in_plane_spacing(self, axis: int = -1) -> tuple[float, float]:
+        """Voxel spacing (mm) of the two in-plane axes of slices along ``axis``."""
+        a, b = in_plane_axes(axis)
+        return self.spacing[a], self.spacing[b]
+
+    def read_slice(self, k: int, axis: int = -1) -> np.ndarray:
+        """Slice ``k`` along ``axis`` as 2-D float32; InputError if it holds NaN/Inf or cannot be read.
+
+        Along a non-last axis each call is a pass over the file; use :meth:`iter_slices` for many.
+        """
+        ax = _normalize_axis(axis)
+        k = self._check_index(k, ax)
+        if ax == 2:
+            return self._finite(self._read_last(k), k, ax)
+        return self._finite(self._gather(ax, [k])[0], k, ax)
+
+    def iter_slices(self, axis: int = -1, indices: Iterable[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(k, slice2d)`` for ``indices`` (default all) along ``axis``, in increasing ``k``.
+
+        Along the last axis each slice is one contiguous read. Along another axis every slice gathers
+        from the whole file, so slices are assembled in groups of up to ``GATHER_BYTES`` from slabs of
+        the last axis: one pass over the file (one decompression for ``.nii.gz``) per group instead
+        of one per slice. Memory stays bounded by ``GATHER_BYTES + SLAB_BYTES``; the price is that
+        reading every slice of a large volume along a non-last axis takes several passes.
+        """
+        ax = _normalize_axis(axis)
+        ks = range(self.shape[ax]) if indices is None else sorted({self._check_index(k, ax) for k in indices})
+        if ax == 2:
+            for k in ks:
+                yield k, self._finite(self._read_last(k), k, ax)
+            return
+        h, w = self.slice_shape(ax)
+        per_group = max(1, GATHER_BYTES // (h * w * 4))
+        ks = list(ks)
+        for start in range(0, len(ks), per_group):
+            group = ks[start:start + per_group]
+            for k, arr in zip(group, self._gather(ax, group)):
+                yield k, self._finite(arr, k, ax)
+
+    def check_finite(self, axis: int = -1) -> None:
+        """Scan the whole volume slice by slice; InputError at the first NaN or Inf voxel."""
+        for _ in self.iter_slices(axis):
+            pass
+
+    def _check_index(self, k: int, ax: int) -> int:
+        n = self.shape[ax]
+        if not -n <= int(k) < n:
+            raise IndexError(f"slice {k} out of range for axis {ax} with {n} slices ({self.path})")
+        return int(k) % n
+
+    def _read(self, slicer: tuple) -> np.ndarray:
+        """Read through the array proxy, turning I/O and decompression failures into InputError."""
+        if self._proxy is None:
+            self._proxy = ArrayProxy(self.path, self._spec, keep_file_open=True)
+        try:
+            return np.asarray(self._proxy[slicer + self._trailing])
+        except (OSError, EOFError, ValueError, zlib.error) as exc:
+            raise InputError(self.path, f"cannot read voxel data ({_first_line(exc)})") from None
+
+    def _read_last(self, k: int) -> np.ndarray:
+        return self._read((slice(None), slice(None), k)).astype(np.float32)
+
+    def _gather(self, ax: int, ks: Sequence[int]) -> np.ndarray:
+        """Slices ``ks`` along axis 0 or 1, assembled from slabs of the last axis in one pass."""
+        nx, ny, nz = self.shape
+        h, w = self.slice_shape(ax)
+        out = np.empty((len(ks), h, w), dtype=np.float32)
+        step = max(1, SLAB_BYTES // (nx * ny * 8))
+        idx = np.asarray(ks)
+        for z0 in range(0, nz, step):
+            z1 = min(nz, z0 + step)
+            slab = self._read((slice(None), slice(None), slice(z0, z1)))
+            out[:, :, z0:z1] = slab[idx] if ax == 0 else np.moveaxis(slab[:, idx], 1, 0)
+        return out
+
+    def _finite(self, arr: np.ndarray, k: int, ax: int) -> np.ndarray:
+        if not np.isfinite(arr).all():
+            n_nan = int(np.isnan(arr).sum())
+            n_inf = int(np.isinf(arr).sum())
+            raise InputError(self.path, f"slice {k} along axis {ax} has {n_nan} NaN and {n_inf} Inf voxels")
+        return arr
+
+
+def open_volume(path: str | os.PathLike) -> Volume:
+    """Open and validate a 3-D NIfTI-1/NIfTI-2 volume (``.nii`` or ``.nii.gz``) without reading its voxels.
+
+    Raises InputError for a missing file, a file that is not NIfTI, a truncated file, a true 4-D,
+    2-D or >4-D image, a zero-length axis, non-positive spacing, or complex/RGB/non-numeric voxels.
+    A trailing singleton 4th dimension is accepted and squeezed. NaN/Inf are checked as slices are read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if not path.is_file():
+        raise InputError(path, "not a file (expected a .nii or .nii.gz volume)")
+    if not is_nifti_name(path):
+        raise InputError(path, "not a NIfTI file name (expected .nii or .nii.gz)")
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # nibabel signals unparsable input with many exception types
+        raise InputError(path, f"not a readable NIfTI file ({_first_line(exc)})") from None
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image derives from Nifti1Image
+        raise InputError(path, f"not a single-file NIfTI image (read as {type(img).__name__})")
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) < 3:
+        raise InputError(path, f"is {len(shape)}-D (shape {shape}); expected a 3-D volume")
+    if len(shape) > 4:
+        raise InputError(path, f"has {len(shape)} dimensions (shape {shape}); expected a 3-D volume")
+    if 0 in shape:
+        raise InputError(path, f"has a zero-length axis (shape {shape})")
+    if len(shape) == 4 and shape[3] != 1:
+        raise InputError(path, f"is 4-D with {shape[3]} volumes (shape {shape}); expected a single 3-D volume")
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.fields is not None or dtype.kind not in "iuf":
+        raise InputError(path, f"unsupported voxel type {dtype} (expected real integer or floating-point voxels, "
+                               "not complex or RGB)")
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    if not (np.isfinite(zooms).all() and (zooms > 0).all()):
+        raise InputError(path, f"voxel spacing {tuple(zooms.tolist())} must be positive and finite")
+    _check_complete(path, img, dtype)
+    return Volume(path, img, shape[:3])
+
+
+def _check_complete(path: Path, img: nib.Nifti1Image, dtype: np.dtype) -> None:
+    """Refuse a file too short for the voxels its header declares, without holding them in memory.
+
+    An uncompressed file is checked by size. For gzip the trailer's ISIZE (uncompressed size mod 2**32)
+    decides in the common case at the cost of reading 4 bytes; only when it disagrees (a truncated
+    file, or a multi-member gzip) is the stream decompressed, chunk by chunk, to count its bytes.
+    """
+    needed = int(img.dataobj.offset) + int(np.prod(img.dataobj.shape)) * dtype.itemsize
+    if not path.name.lower().endswith(".gz"):
+        size = path.stat().st_size
+        if size < needed:
+            raise InputError(path, f"truncated: {size} bytes but the header needs {needed}")
+        return
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        (isize,) = struct.unpack("<I", fh.read(4))
+    if isize == needed % (1 << 32):
+        return
+    count = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while count < needed:
+                chunk = fh.read(_GZIP_CHUNK)
+                if not chunk:
+                    break
+                count += len(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(path, f"truncated or corrupt gzip stream ({_first_line(exc)})") from None
+    if count < needed:
+        raise InputError(path, f"truncated: {count} bytes after decompression but the header needs {needed}")
+
+
+def find_volumes(directory: str | os.PathLike) -> list[Path]:
+    """Sorted ``.nii``/``.nii.gz`` files directly in ``directory`` (hidden files ignored); InputError if none."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise InputError(directory, "directory not found")
+    if not directory.is_dir():
+        raise InputError(directory, "not a directory")
+    found = sorted(p for p in directory.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and is_nifti_name(p))
+    if not found:
+        raise InputError(directory, "no .nii or .nii.gz volumes found")
+    return found
+
+
+def _scaled_size(n: int, f: float) -> int:
+    """In-plane size after refining by ``f``: round(n * f), half to even, at least 1."""
+    return max(1, int(round(n * float(f))))
+
+
+def resampled_shape(shape: Sequence[int], axis: int, factors: Sequence[float]) -> tuple[int, int, int]:
+    """Shape after the two in-plane axes of ``axis`` get finer by ``factors`` (old / new spacing)."""
+    out = [int(n) for n in shape]
+    for ax, f in zip(in_plane_axes(axis), factors):
+        out[ax] = _scaled_size(out[ax], f)
+    return out[0], out[1], out[2]
+
+
+def resampled_affine(affine: np.ndarray, axis: int, factors: Sequence[float]) -> np.ndarray:
+    """Affine of the finer in-plane grid: new voxel ``j`` sits at old index ``(j + 0.5) / f - 0.5``.
+
+    Voxel edges stay aligned (old and new grids share the edge at index -0.5), so each output voxel
+    centre maps to the world position of the point it was interpolated at.
+    """
+    index_map = np.eye(4)
+    for ax, f in zip(in_plane_axes(axis), factors):
+        index_map[ax, ax] = 1.0 / float(f)
+        index_map[ax, 3] = 0.5 / float(f) - 0.5
+    return np.asarray(affine, dtype=np.float64) @ index_map
+
+
+class VolumeWriter:
+    """Write a NIfTI volume slice by slice, atomically, in memory independent of its size.
+
+    Slices go into a hidden uncompressed temp file in the destination directory through a
+    ``np.memmap`` (Fortran order, at ``vox_offset``). On :meth:`close` (leaving the ``with`` block),
+    a ``.nii.gz`` target is stream-compressed into a second temp file; the finished file is then
+    ``os.replace``-d into place. An exception inside the ``with``, :meth:`abort`, or slices left
+    unwritten remove the temp files and leave nothing at ``path``. qform/sform codes and xyzt units
+    are copied from a template ``header`` when given.
+    """
+
+    def __init__(self, path: str | os.PathLike, shape: Sequence[int], affine: np.ndarray, axis: int = -1,
+                 header: Nifti1Header | None = None, dtype: np.dtype | type = np.float32):
+        self.path = Path(path)
+        if not is_nifti_name(self.path):
+            raise InputError(self.path, "output name must end in .nii or .nii.gz")
+        if not self.path.parent.is_dir():
+            raise InputError(self.path, "output directory does not exist")
+        self.shape = tuple(int(n) for n in shape)
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ValueError(f"shape must be three positive sizes, got {tuple(shape)}")
+        self.axis = _normalize_axis(axis)
+        hdr = _output_header(self.shape, np.asarray(affine, dtype=np.float64), np.dtype(dtype), header)
+        fd, tmp = _create_temp(self.path, ".nii.part")
+        self._temps = [tmp]
+        self._cleanup = weakref.finalize(self, _remove_all, self._temps)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                hdr.write_to(fh)
+                fh.truncate(int(hdr.get_data_offset()) + int(np.prod(self.shape)) * hdr.get_data_dtype().itemsize)
+            self._data = np.memmap(tmp, dtype=hdr.get_data_dtype(), mode="r+", offset=int(hdr.get_data_offset()),
+                                   shape=self.shape, order="F")
+        except BaseException:
+            self.abort()
+            raise
+        self._written = np.zeros(self.shape[self.axis], dtype=bool)
+        self._slice_shape = tuple(n for i, n in enumerate(self.shape) if i != self.axis)
+
+    def __enter__(self) -> "VolumeWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write_slice(self, k: int, arr: np.ndarray) -> None:
+        """Store 2-D ``arr`` as slice ``k`` along the writer's axis."""
+        if self._data is None:
+            raise ValueError(f"{self.path}: writer is closed")
+        arr = np.asarray(arr)
+        if arr.shape != self._slice_shape:
+            raise ValueError(f"{self.path}: slice {k} has shape {arr.shape}, expected {self._slice_shape}")
+        if not 0 <= int(k) < self.shape[self.axis]:
+            raise IndexError(f"{self.path}: slice {k} out of range [0, {self.shape[self.axis]})")
+        index = [slice(None)] * 3
+        index[self.axis] = int(k)
+        self._data[tuple(index)] = arr
+        self._written[int(k)] = True
+
+    def close(self) -> None:
+        """Finish: check every slice was written, compress if ``.nii.gz``, and rename into place."""
+        if self._data is None:
+            return
+        missing = int((~self._written).sum())
+        if missing:
+            self.abort()
+            raise ValueError(f"{self.path}: {missing} of {self._written.size} slices were never written")
+        try:
+            self._data.flush()
+            self._data = None
+            final = self._temps[0]
+            if self.path.name.lower().endswith(".gz"):
+                final = _gzip_to_temp(self._temps[0], self.path)
+                self._temps.append(final)
+            os.replace(final, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._cleanup()
+
+    def abort(self) -> None:
+        """Discard everything written; nothing appears at the final path."""
+        self._data = None
+        self._cleanup()
+
+
+def _gzip_to_temp(src: str, target: Path) -> str:
+    """Stream-compress ``src`` into a hidden temp file next to ``target``; return its path."""
+    fd, tmp = _create_temp(target, ".nii.gz.part")
+    try:
+        with open(src, "rb") as fin, os.fdopen(fd, "wb") as raw, \
+                gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as fout:
+            shutil.copyfileobj(fin, fout, _GZIP_CHUNK)
+    except BaseException:
+        _remove_all([tmp])
+        raise
+    return tmp
+
+
+def _create_temp(target: Path, suffix: str) -> tuple[int, str]:
+    """A new hidden file next to ``target``, opened for writing.
+
+    Unlike ``tempfile.mkstemp`` (always mode 0600) the file gets the umask's default permissions,
+    which the finished output keeps after the rename.
+    """
+    while True:
+        name = target.parent / f".{nifti_stem(target)}.{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), os.fspath(name)
+        except FileExistsError:
+            continue
+
+
+def _remove_all(paths: list[str]) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+def _output_header(shape: tuple[int, int, int], affine: np.ndarray, dtype: np.dtype,
+                   template: Nifti1Header | None) -> Nifti1Header:
+    """A fresh header for ``shape``/``affine``/``dtype`` keeping the template's qform/sform codes and units."""
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+    big = max(shape) > _NIFTI1_MAX_DIM
+    hdr = Nifti2Header() if big or isinstance(template, Nifti2Header) else Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr.set_data_offset(hdr.single_vox_offset)
+    qcode, scode = 0, 2
+    units = ("mm", "unknown")
+    if template is not None:
+        qcode, scode = int(template["qform_code"]), int(template["sform_code"])
+        units = template.get_xyzt_units()
+        if qcode == 0 and scode == 0:  # the source relied on pixdim only; keep the resampled grid
+            scode = 2
+    hdr.set_qform(affine, code=qcode)
+    hdr.set_sform(affine, code=scode)
+    hdr.set_zooms(tuple(np.linalg.norm(affine[:3, :3], axis=0)))
+    hdr.set_xyzt_units(*units)
+    return hdr
+
+
+def write_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
+                 header: Nifti1Header | None = None, dtype: np.dtype | type = np.float32) -> None:
+    """Write a whole 3-D array atomically (through :class:`VolumeWriter`)."""
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise ValueError(f"write_volume needs a 3-D array, got shape {array.shape}")
+    with VolumeWriter(path, array.shape, affine, axis=-1, header=header, dtype=dtype) as writer:
+        for k in range(array.shape[2]):
+            writer.write_slice(k, array[:, :, k])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,441 @@
+"""Unpaired LR/HR patch streams for CycleGAN training, from NIfTI folders or prepared TFRecord shards.
+
+Each slice is read lazily, LR slices are resampled in-plane to the HR spacing (bicubic), intensities
+are mapped to [0, 1] with the volume's statistics, the slice is cropped to its foreground box and cut
+into ``patch_size`` patches at ``stride``; patches with too little foreground are dropped (paper,
+section 3). Which patches exist is decided once, by an index pass over cheap native-resolution masks;
+the streams then read exactly those patches, so patch counts, NIfTI streams and shards always agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tensorflow as tf
+
+from .config import DataConfig
+from .errors import InputError
+from .patches import patches_at, select_origins
+from .preprocessing import (IntensityStats, check_coarser, combine_stats, foreground_mask, resample_slice,
+                            roi_bbox, volume_stats, volume_threshold)
+from .volumes import Volume, find_volumes, in_plane_axes, open_volume, resampled_shape
+
+SPACING_TOLERANCE = 0.01  # volumes in one folder may differ in in-plane spacing by at most 1%
+SHARD_DTYPES = ("uint16", "float16", "float32")
+INDEX_NAME = "index.json"
+_SHARD_BYTES = 64 << 20  # target size of one TFRecord shard
+_INDEX_VERSION = 1
+_INDEX_KEYS = ("patch_size", "dtype", "counts", "shards", "lr_spacing", "hr_spacing", "factors", "hr_stats",
+               "lr_files", "hr_files", "data_config")
+
+
+@dataclass
+class _Domain:
+    """The patch index of one folder (LR or HR): which patches exist in which slice, and how to load them."""
+
+    name: str
+    paths: list[Path]
+    spacing: tuple[float, float]
+    factors: tuple[float, float] | None  # in-plane upsampling of LR slices; None for HR
+    stats: list[IntensityStats]  # per volume
+    axis: int
+    patch: int
+    vol_ids: np.ndarray  # [S] volume of each indexed slice
+    slice_ks: np.ndarray  # [S] slice number inside its volume
+    boxes: np.ndarray  # [S, 4] crop (r0, r1, c0, c1) on the (resampled) slice grid
+    offsets: np.ndarray  # [S + 1] slice s owns origins[offsets[s]:offsets[s + 1]]
+    origins: np.ndarray  # [N, 2] patch origins inside the crop
+
+    @property
+    def n_patches(self) -> int:
+        return int(self.offsets[-1])
+
+    def slice_patches(self, s: int) -> np.ndarray:
+        """``[n, p, p, 1]`` float32 patches of indexed slice ``s``, in [0, 1]."""
+        s = int(s)
+        vid = int(self.vol_ids[s])
+        raw = _cached_volume(os.fspath(self.paths[vid])).read_slice(int(self.slice_ks[s]), axis=self.axis)
+        if self.factors is not None:
+            raw = resample_slice(raw, self.factors)
+        r0, r1, c0, c1 = (int(v) for v in self.boxes[s])
+        crop = self.stats[vid].normalize(raw[r0:r1, c0:c1])
+        origins = self.origins[self.offsets[s]:self.offsets[s + 1]]
+        return patches_at(crop, origins, self.patch)[..., None]
+
+    def patches_by_position(self, positions: np.ndarray) -> np.ndarray:
+        """Patches at global positions (index order), loading each slice once."""
+        slices = np.searchsorted(self.offsets, positions, side="right") - 1
+        out = [np.zeros((0, self.patch, self.patch, 1), np.float32)]
+        for s in np.unique(slices):
+            out.append(self.slice_patches(s)[positions[slices == s] - self.offsets[s]])
+        return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_volume(path: str) -> Volume:
+    """Open volumes once per process; the streams read many slices of the same few files."""
+    return open_volume(path)
+
+
+@dataclass
+class TrainingData:
+    """Everything training needs: two unpaired, infinite patch streams plus the facts about them."""
+
+    lr_files: list[Path]
+    hr_files: list[Path]
+    lr_spacing: tuple[float, float]  # in-plane, mm
+    hr_spacing: tuple[float, float]
+    factors: tuple[float, float]  # lr / hr spacing
+    hr_stats: IntensityStats  # combine_stats of the HR volumes: maps outputs back to HR units
+    n_lr_patches: int
+    n_hr_patches: int
+    val_lr: np.ndarray  # fixed [n_val, p, p, 1] float32 patches for image panels
+    val_hr: np.ndarray
+    patch_size: int
+    cfg: DataConfig  # seed and shuffle buffer of the streams
+    _lr_source: "_NiftiSource | _ShardSource" = dataclasses.field(repr=False)
+    _hr_source: "_NiftiSource | _ShardSource" = dataclasses.field(repr=False)
+
+    def steps_per_epoch(self, global_batch_size: int) -> int:
+        """One pass over the smaller patch set: ``min(n_lr, n_hr) // batch``, at least 1."""
+        return max(1, min(self.n_lr_patches, self.n_hr_patches) // int(global_batch_size))
+
+    def dataset(self, global_batch_size: int,
+                input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+        """Infinite ``(lr, hr)`` batches of ``[B, p, p, 1]`` float32 in [0, 1].
+
+        With an ``input_context`` (``strategy.distribute_datasets_from_function``) batches are per
+        replica and each input pipeline reads its own share of the data.
+        """
+        batch = int(global_batch_size)
+        pipeline, n_pipelines = 0, 1
+        if input_context is not None:
+            batch = input_context.get_per_replica_batch_size(batch)
+            pipeline, n_pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
+        streams = []
+        for stream_id, source in enumerate((self._lr_source, self._hr_source)):
+            seed = _derive_seed(self.cfg.seed, stream_id, pipeline)
+            patches = source.patches(seed, pipeline, n_pipelines)
+            streams.append(patches.shuffle(self.cfg.shuffle_buffer, seed=seed).batch(batch, drop_remainder=True))
+        ds = tf.data.Dataset.zip(tuple(streams)).prefetch(tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        options.deterministic = self.cfg.seed is not None
+        return ds.with_options(options)
+
+
+def _derive_seed(seed: int | None, stream: int, pipeline: int) -> int | None:
+    """Independent, reproducible seeds for each stream and input pipeline (None stays None)."""
+    if seed is None:
+        return None
+    return int(np.random.SeedSequence([seed, stream, pipeline]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class _NiftiSource:
+    """A repeated, unbatched stream of ``[p, p, 1]`` patches read from NIfTI slices, parallel over slices."""
+
+    def __init__(self, domain: _Domain):
+        self.domain = domain
+
+    def patches(self, seed: int | None, pipeline: int, n_pipelines: int) -> tf.data.Dataset:
+        dom = self.domain
+        n_slices = len(dom.slice_ks)
+        deterministic = seed is not None
+        ds = tf.data.Dataset.range(n_slices)
+        by_slice = n_slices >= n_pipelines
+        if by_slice and n_pipelines > 1:
+            ds = ds.shard(n_pipelines, pipeline)
+        ds = ds.shuffle(n_slices, seed=seed, reshuffle_each_iteration=True).repeat()
+        p = dom.patch
+
+        def load(s):
+            out = tf.numpy_function(dom.slice_patches, [s], tf.float32, stateful=False)
+            return tf.ensure_shape(out, [None, p, p, 1])
+
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic).unbatch()
+        if not by_slice:
+            ds = ds.shard(n_pipelines, pipeline)
+        return ds
+
+
+class _ShardSource:
+    """A repeated, unbatched stream of ``[p, p, 1]`` patches from TFRecord shards, interleaved over files."""
+
+    def __init__(self, files: list[Path], patch: int, dtype: str):
+        self.files = [os.fspath(f) for f in files]
+        self.patch = patch
+        self.dtype = dtype
+
+    def decode(self, record: tf.Tensor) -> tf.Tensor:
+        raw = tf.io.decode_raw(record, tf.dtypes.as_dtype(self.dtype), little_endian=True)
+        patch = tf.reshape(tf.cast(raw, tf.float32), [self.patch, self.patch, 1])
+        return patch / 65535.0 if self.dtype == "uint16" else patch
+
+    def patches(self, seed: int | None, pipeline: int, n_pipelines: int) -> tf.data.Dataset:
+        deterministic = seed is not None
+        files = tf.data.Dataset.from_tensor_slices(self.files)
+        by_file = len(self.files) >= n_pipelines
+        if by_file and n_pipelines > 1:
+            files = files.shard(n_pipelines, pipeline)
+        files = files.shuffle(len(self.files), seed=seed, reshuffle_each_iteration=True).repeat()
+        ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(self.files), 8), block_length=1,
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        if not by_file:
+            ds = ds.shard(n_pipelines, pipeline)
+        return ds.map(self.decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+
+
+# ---------------------------------------------------------------------------------------------- index
+
+
+def _folder_volumes(folder: str | os.PathLike, role: str, axis: int) -> tuple[list[Path], tuple[float, float]]:
+    """Sorted NIfTI paths of ``folder`` and their common in-plane spacing (within 1%)."""
+    if folder is None:
+        raise InputError(None, f"no {role} folder given")
+    paths = find_volumes(folder)
+    spacing = open_volume(paths[0]).in_plane_spacing(axis)
+    for path in paths[1:]:
+        other = open_volume(path).in_plane_spacing(axis)
+        if any(abs(a - b) > SPACING_TOLERANCE * b for a, b in zip(other, spacing)):
+            raise InputError(path, f"in-plane spacing {_fmt(other)} mm differs by more than 1% from "
+                                   f"{paths[0].name} ({_fmt(spacing)} mm); resample the {role} volumes "
+                                   "to one spacing")
+    return paths, tuple(float(s) for s in spacing)
+
+
+def _fmt(spacing) -> str:
+    return " x ".join(f"{s:.4g}" for s in spacing)
+
+
+def _grow(lo: int, hi: int, size: int, length: int) -> tuple[int, int]:
+    """Widen ``[lo, hi)`` symmetrically to at least ``size`` pixels, kept inside ``[0, length)``."""
+    if hi - lo >= size:
+        return lo, hi
+    lo = max(0, min(lo - (size - (hi - lo)) // 2, length - size))
+    return lo, min(length, lo + size)
+
+
+def _index_domain(name: str, folder, paths: list[Path], spacing, factors, cfg: DataConfig) -> _Domain:
+    """Decide every patch of a folder: per-slice crop boxes and foreground-filtered patch origins.
+
+    Masks are computed on the native slice and upsampled with nearest neighbours (LR), which costs a
+    fraction of the bicubic resampling the stream does; the selection only has to be consistent.
+    """
+    p, stride = cfg.patch_size, cfg.stride
+    vol_ids, slice_ks, boxes, counts, origins, stats = [], [], [], [], [], []
+    largest = (0, 0)
+    for vid, path in enumerate(paths):
+        vol = open_volume(path)
+        threshold = cfg.roi_threshold if cfg.roi_threshold is not None else volume_threshold(vol, cfg.axis)
+        stats.append(volume_stats(vol, axis=cfg.axis, threshold=threshold, factors=factors))
+        shape = vol.shape if factors is None else resampled_shape(vol.shape, cfg.axis, factors)
+        plane = tuple(shape[i] for i in in_plane_axes(cfg.axis))
+        largest = max(largest, plane, key=min)
+        if min(plane) < p:
+            continue
+        for k, raw in vol.iter_slices(cfg.axis):
+            mask = foreground_mask(raw, threshold)
+            if factors is not None:
+                mask = cv2.resize(mask.astype(np.uint8), (plane[1], plane[0]), interpolation=cv2.INTER_NEAREST)
+            mask = mask.astype(bool)
+            box = roi_bbox(mask.astype(np.float32), 0.5, cfg.roi_margin)
+            if box is None:
+                continue
+            r0, r1 = _grow(box[0].start, box[0].stop, p, plane[0])
+            c0, c1 = _grow(box[1].start, box[1].stop, p, plane[1])
+            found = select_origins(mask[r0:r1, c0:c1], p, stride, cfg.min_foreground)
+            if len(found):
+                vol_ids.append(vid)
+                slice_ks.append(k)
+                boxes.append((r0, r1, c0, c1))
+                counts.append(len(found))
+                origins.append(found)
+    if min(largest) < p:
+        raise InputError(folder, f"patch size {p} is larger than every {name} slice (largest "
+                                 f"{largest[0]} x {largest[1]} px at the HR spacing); lower data.patch_size")
+    if not counts:
+        raise InputError(folder, f"no {p} px {name} patch has >= {cfg.min_foreground:.0%} foreground; lower "
+                                 "data.min_foreground or set data.roi_threshold")
+    return _Domain(name=name, paths=paths, spacing=spacing, factors=factors, stats=stats, axis=cfg.axis, patch=p,
+                   vol_ids=np.asarray(vol_ids, np.int32), slice_ks=np.asarray(slice_ks, np.int32),
+                   boxes=np.asarray(boxes, np.int32), offsets=np.concatenate([[0], np.cumsum(counts)]),
+                   origins=np.concatenate(origins).astype(np.int32))
+
+
+def _index_folders(lr_dir, hr_dir, cfg: DataConfig) -> tuple[_Domain, _Domain]:
+    """Validate both folders and index their patches."""
+    lr_paths, lr_spacing = _folder_volumes(lr_dir, "LR", cfg.axis)
+    hr_paths, hr_spacing = _folder_volumes(hr_dir, "HR", cfg.axis)
+    factors = check_coarser(lr_dir, lr_spacing, hr_spacing)
+    lr = _index_domain("LR", lr_dir, lr_paths, lr_spacing, factors, cfg)
+    hr = _index_domain("HR", hr_dir, hr_paths, hr_spacing, None, cfg)
+    return lr, hr
+
+
+def _val_positions(n_patches: int, n_val: int) -> np.ndarray:
+    """Evenly spread, fixed positions of the validation patches in index order."""
+    return np.unique(np.linspace(0, n_patches - 1, min(n_val, n_patches)).round().astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------- public
+
+
+def make_training_data(lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLike | None, cfg: DataConfig,
+                       n_val: int = 4) -> TrainingData:
+    """Index unpaired LR and HR NIfTI folders (or open ``cfg.shards_dir``) and describe the two streams.
+
+    With ``cfg.shards_dir`` set the folders are not read: the shards and their ``index.json`` define
+    the data. Every user mistake raises a one-line :class:`InputError`.
+    """
+    cfg.validate()
+    if cfg.shards_dir is not None:
+        return _shard_training_data(Path(cfg.shards_dir), cfg, n_val)
+    lr, hr = _index_folders(lr_dir, hr_dir, cfg)
+    return TrainingData(
+        lr_files=lr.paths, hr_files=hr.paths, lr_spacing=lr.spacing, hr_spacing=hr.spacing, factors=lr.factors,
+        hr_stats=combine_stats(hr.stats), n_lr_patches=lr.n_patches, n_hr_patches=hr.n_patches,
+        val_lr=lr.patches_by_position(_val_positions(lr.n_patches, n_val)),
+        val_hr=hr.patches_by_position(_val_positions(hr.n_patches, n_val)),
+        patch_size=cfg.patch_size, cfg=cfg, _lr_source=_NiftiSource(lr), _hr_source=_NiftiSource(hr))
+
+
+def prepare_shards(lr_dir: str | os.PathLike, hr_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                   cfg: DataConfig, dtype: str = "uint16", shard_bytes: int = _SHARD_BYTES) -> Path:
+    """Write every training patch once into TFRecord shards plus ``index.json``; returns ``out_dir``.
+
+    Patches are stored in index order as raw little-endian ``dtype`` records (``uint16`` quantises
+    [0, 1] to 1/65535 steps at half the size of float32). The folder appears atomically: it is
+    written under a temporary name beside ``out_dir`` and renamed into place.
+    """
+    if dtype not in SHARD_DTYPES:
+        raise ValueError(f"shard dtype must be one of {SHARD_DTYPES}, got {dtype!r}")
+    cfg = dataclasses.replace(cfg, shards_dir=None)
+    cfg.validate()
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(out, "already exists and is not an empty folder; choose a new output folder")
+    lr, hr = _index_folders(lr_dir, hr_dir, cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        shards = {dom.name.lower(): _write_domain(dom, tmp, dtype, shard_bytes) for dom in (lr, hr)}
+        index = {
+            "version": _INDEX_VERSION,
+            "patch_size": cfg.patch_size,
+            "dtype": dtype,
+            "counts": {"lr": lr.n_patches, "hr": hr.n_patches},
+            "shards": shards,
+            "lr_spacing": list(lr.spacing),
+            "hr_spacing": list(hr.spacing),
+            "factors": list(lr.factors),
+            "hr_stats": combine_stats(hr.stats).to_dict(),
+            "lr_files": [os.fspath(p) for p in lr.paths],
+            "hr_files": [os.fspath(p) for p in hr.paths],
+            "data_config": dataclasses.asdict(cfg),
+        }
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2), encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_domain(dom: _Domain, folder: Path, dtype: str, shard_bytes: int) -> list[dict]:
+    """Stream one domain's patches, in index order, into ``<lr|hr>-XXXXX-of-YYYYY.tfrecord`` files."""
+    prefix = dom.name.lower()
+    n = dom.n_patches
+    n_shards = min(n, max(1, math.ceil(n * dom.patch * dom.patch * np.dtype(dtype).itemsize / shard_bytes)))
+    bounds = np.linspace(0, n, n_shards + 1).round().astype(np.int64)
+    names = [f"{prefix}-{i:05d}-of-{n_shards:05d}.tfrecord" for i in range(n_shards)]
+    shard, written = 0, 0
+    writer = tf.io.TFRecordWriter(os.fspath(folder / names[0]))
+    try:
+        for s in range(len(dom.slice_ks)):
+            for patch in dom.slice_patches(s):
+                if written == bounds[shard + 1]:
+                    writer.close()
+                    shard += 1
+                    writer = tf.io.TFRecordWriter(os.fspath(folder / names[shard]))
+                writer.write(_encode(patch[..., 0], dtype))
+                written += 1
+    finally:
+        writer.close()
+    return [{"file": name, "count": int(hi - lo)} for name, lo, hi in zip(names, bounds[:-1], bounds[1:])]
+
+
+def _encode(patch: np.ndarray, dtype: str) -> bytes:
+    if dtype == "uint16":
+        patch = np.round(np.clip(patch, 0.0, 1.0) * 65535.0)
+    return patch.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
+
+
+def read_shard_index(shards_dir: str | os.PathLike) -> dict:
+    """The parsed ``index.json`` of a shards folder, checked for the files it names."""
+    shards_dir = Path(shards_dir)
+    path = shards_dir / INDEX_NAME
+    if not shards_dir.is_dir():
+        raise InputError(shards_dir, "shards folder not found")
+    if not path.is_file():
+        raise InputError(shards_dir, f"no {INDEX_NAME}; not a folder written by `microsr-tf prepare`")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        if index.get("version") != _INDEX_VERSION:
+            raise InputError(path, f"unsupported shard index version {index.get('version')!r}")
+        missing = [key for key in _INDEX_KEYS if key not in index]
+        if missing:
+            raise InputError(path, f"shard index lacks {', '.join(missing)}")
+        if index["dtype"] not in SHARD_DTYPES:
+            raise InputError(path, f"unknown patch dtype {index['dtype']!r} (expected one of {SHARD_DTYPES})")
+        for domain in ("lr", "hr"):
+            for entry in index["shards"][domain]:
+                if not (shards_dir / entry["file"]).is_file():
+                    raise InputError(shards_dir / entry["file"], "shard listed in index.json is missing")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(path, f"not a valid shard index ({type(exc).__name__}: {exc})") from None
+    return index
+
+
+def _shard_training_data(shards_dir: Path, cfg: DataConfig, n_val: int) -> TrainingData:
+    index = read_shard_index(shards_dir)
+    if index["patch_size"] != cfg.patch_size:
+        raise InputError(shards_dir / INDEX_NAME, f"shards hold {index['patch_size']} px patches but "
+                                                  f"data.patch_size is {cfg.patch_size}; prepare them again "
+                                                  "or set data.patch_size to match")
+    p, dtype = int(index["patch_size"]), index["dtype"]
+    sources, val = {}, {}
+    for domain in ("lr", "hr"):
+        entries = index["shards"][domain]
+        source = _ShardSource([shards_dir / e["file"] for e in entries], p, dtype)
+        sources[domain] = source
+        val[domain] = _shard_patches_by_position(source, [e["count"] for e in entries],
+                                                 _val_positions(index["counts"][domain], n_val))
+    return TrainingData(
+        lr_files=[Path(f) for f in index["lr_files"]], hr_files=[Path(f) for f in index["hr_files"]],
+        lr_spacing=tuple(index["lr_spacing"]), hr_spacing=tuple(index["hr_spacing"]),
+        factors=tuple(index["factors"]), hr_stats=IntensityStats.from_dict(index["hr_stats"]),
+        n_lr_patches=int(index["counts"]["lr"]), n_hr_patches=int(index["counts"]["hr"]),
+        val_lr=val["lr"], val_hr=val["hr"], patch_size=p, cfg=cfg,
+        _lr_source=sources["lr"], _hr_source=sources["hr"])
+
+
+def _shard_patches_by_position(source: _ShardSource, counts: list[int], positions: np.ndarray) -> np.ndarray:
+    """Read the patches at global positions (index order) from the shard files."""
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    out = [np.zeros((0, source.patch, source.patch, 1), np.float32)]
+    for pos in positions:
+        shard = int(np.searchsorted(starts, pos, side="right") - 1)
+        record = tf.data.TFRecordDataset(source.files[shard]).skip(int(pos - starts[shard])).take(1)
+        out.extend(source.decode(r).numpy()[None] for r in record)
+    return np.concatenate(out)

@@ -332,11 +332,21 @@ class VolumeWriter:
             with os.fdopen(fd, "wb") as fh:
                 hdr.write_to(fh)
                 fh.truncate(int(hdr.get_data_offset()) + int(np.prod(self.shape)) * hdr.get_data_dtype().itemsize)
-            self._data = np.memmap(tmp, dtype=hdr.get_data_dtype(), mode="r+", offset=int(hdr.get_data_offset()),
-                                   shape=self.shape, order="F")
+            self._dtype = hdr.get_data_dtype()
+            self._offset = int(hdr.get_data_offset())
+            if self.axis == 2:
+                # Last-axis slices are contiguous in Fortran order: write them with pwrite, so finished
+                # slices live only in the page cache and resident memory stays flat however many are written.
+                self._fh = open(tmp, "r+b")
+                self._data = None
+            else:
+                self._fh = None
+                self._data = np.memmap(tmp, dtype=self._dtype, mode="r+", offset=self._offset,
+                                       shape=self.shape, order="F")
         except BaseException:
             self.abort()
             raise
+        self._open = True
         self._written = np.zeros(self.shape[self.axis], dtype=bool)
         self._slice_shape = tuple(n for i, n in enumerate(self.shape) if i != self.axis)
 
@@ -351,29 +361,32 @@ class VolumeWriter:
 
     def write_slice(self, k: int, arr: np.ndarray) -> None:
         """Store 2-D ``arr`` as slice ``k`` along the writer's axis."""
-        if self._data is None:
+        if not self._open:
             raise ValueError(f"{self.path}: writer is closed")
         arr = np.asarray(arr)
         if arr.shape != self._slice_shape:
             raise ValueError(f"{self.path}: slice {k} has shape {arr.shape}, expected {self._slice_shape}")
         if not 0 <= int(k) < self.shape[self.axis]:
             raise IndexError(f"{self.path}: slice {k} out of range [0, {self.shape[self.axis]})")
-        index = [slice(None)] * 3
-        index[self.axis] = int(k)
-        self._data[tuple(index)] = arr
+        if self._fh is not None:
+            raw = np.asarray(arr, dtype=self._dtype).tobytes(order="F")
+            os.pwrite(self._fh.fileno(), raw, self._offset + int(k) * len(raw))
+        else:
+            index = [slice(None)] * 3
+            index[self.axis] = int(k)
+            self._data[tuple(index)] = arr
         self._written[int(k)] = True
 
     def close(self) -> None:
         """Finish: check every slice was written, compress if ``.nii.gz``, and rename into place."""
-        if self._data is None:
+        if not self._open:
             return
         missing = int((~self._written).sum())
         if missing:
             self.abort()
             raise ValueError(f"{self.path}: {missing} of {self._written.size} slices were never written")
         try:
-            self._data.flush()
-            self._data = None
+            self._release()
             final = self._temps[0]
             if self.path.name.lower().endswith(".gz"):
                 final = _gzip_to_temp(self._temps[0], self.path)
@@ -386,8 +399,18 @@ class VolumeWriter:
 
     def abort(self) -> None:
         """Discard everything written; nothing appears at the final path."""
-        self._data = None
+        self._release()
         self._cleanup()
+
+    def _release(self) -> None:
+        """Flush and drop the handles on the temp file."""
+        self._open = False
+        if getattr(self, "_data", None) is not None:
+            self._data.flush()
+            self._data = None
+        if getattr(self, "_fh", None) is not None:
+            self._fh.close()
+            self._fh = None
 
 
 def _gzip_to_temp(src: str, target: Path) -> str:

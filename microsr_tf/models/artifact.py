@@ -1,0 +1,103 @@
+"""Save and load a trained generator as a Keras archive with its metadata as JSON beside it.
+
+``run/generator.keras`` holds the architecture and weights; ``run/generator.meta.json`` holds what
+the training stage knows about the data (spacings, intensity statistics, config) as an opaque dict.
+Exported SavedModel directories are not handled here: :mod:`microsr_tf.inference` loads those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from typing import Any
+
+import keras
+
+from microsr_tf.errors import InputError
+from microsr_tf.models.generator import ResnetGenerator
+
+GENERATOR_FILE = "generator.keras"
+
+
+def meta_path_for(path: str | os.PathLike) -> str:
+    """``x.keras`` -> ``x.meta.json``."""
+    path = os.fspath(path)
+    return path[: -len(".keras")] + ".meta.json"
+
+
+def _atomic_write(path: str, suffix: str, write) -> str:
+    """Call ``write(tmp_path)`` on a fresh temporary path beside ``path``; return the temporary path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=suffix,
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        write(tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def save_generator(generator: ResnetGenerator, path: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Write ``generator`` to ``path`` (``*.keras``) and ``meta`` to ``*.meta.json``, each atomically."""
+    path = os.fspath(path)
+    if not path.endswith(".keras"):
+        raise InputError(path, "a generator file name must end in .keras")
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+
+    def write_meta(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+
+    model_tmp = _atomic_write(path, ".keras", lambda tmp: generator.save(tmp, overwrite=True))
+    try:
+        meta_tmp = _atomic_write(path, ".json", write_meta)
+    except BaseException:
+        os.unlink(model_tmp)
+        raise
+    os.replace(model_tmp, path)
+    os.replace(meta_tmp, meta_path_for(path))
+
+
+def _read_meta(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except FileNotFoundError:
+        raise InputError(path, "generator metadata file is missing (it is written beside the .keras file)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"generator metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise InputError(path, f"generator metadata must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def load_generator(path: str | os.PathLike) -> tuple[ResnetGenerator, dict[str, Any]]:
+    """Load a generator and its metadata from a ``.keras`` file or a training run directory."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(path, "no such file or directory")
+    model_path = path
+    if os.path.isdir(path):
+        model_path = os.path.join(path, GENERATOR_FILE)
+        if not os.path.isfile(model_path):
+            if os.path.isfile(os.path.join(path, "saved_model.pb")):
+                raise InputError(path, "is a SavedModel export; load it with microsr_tf.inference, "
+                                       "not as a Keras generator")
+            raise InputError(path, f"no {GENERATOR_FILE} in this directory (expected a training run "
+                                   "directory or a .keras file)")
+    if not model_path.endswith(".keras") or not zipfile.is_zipfile(model_path):
+        raise InputError(model_path, "not a Keras archive (expected a .keras file written by training)")
+    meta = _read_meta(meta_path_for(model_path))
+    try:
+        model = keras.saving.load_model(model_path, compile=False)
+    except Exception as exc:  # Keras raises many types for corrupt or foreign archives
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(model_path, f"cannot load the Keras generator ({first})") from None
+    if not isinstance(model, ResnetGenerator):
+        raise InputError(model_path, f"holds a {type(model).__name__}, not a ResnetGenerator")
+    return model, meta

@@ -1,0 +1,177 @@
+"""The CycleGAN ResNet generator with always-on Monte Carlo dropout, split into a deterministic
+prefix (run once per input) and a stochastic suffix (run once per MC sample)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+from microsr_tf.config import DROPOUT_POSITIONS, UPSAMPLE_KINDS
+from microsr_tf.errors import ConfigError
+from microsr_tf.models.layers import MCDropout, ReflectionPadding2D, SubPixelResizeConv2D, instance_norm
+
+
+def _build_sequence(layers: Sequence[keras.layers.Layer], shape: tuple) -> tuple:
+    """Build ``layers`` in order from ``shape`` (spatial dims may be None); return the output shape."""
+    for layer in layers:
+        if not layer.built:
+            layer.build(shape)
+        shape = layer.compute_output_shape(shape)
+    return shape
+
+
+def _apply(layers: Sequence[keras.layers.Layer], x: tf.Tensor) -> tf.Tensor:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+@keras.saving.register_keras_serializable(package="microsr_tf")
+class ResnetBlock(keras.layers.Layer):
+    """Residual block: reflect pad, 3x3 conv, IN, ReLU, [MC dropout], reflect pad, 3x3 conv, IN, + skip.
+
+    ``first_half`` ends right before the dropout so the block can be cut there for MC sampling.
+    """
+
+    def __init__(self, filters: int, dropout_rate: float = 0.0, dropout_index: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.dropout_rate = float(dropout_rate)
+        self.dropout_index = int(dropout_index)
+        self.head = [ReflectionPadding2D(1), keras.layers.Conv2D(filters, 3), instance_norm(), keras.layers.ReLU()]
+        self.dropout = MCDropout(dropout_rate, dropout_index) if dropout_rate > 0 else None
+        self.tail = [ReflectionPadding2D(1), keras.layers.Conv2D(filters, 3), instance_norm()]
+
+    def build(self, input_shape):
+        _build_sequence(self.tail, _build_sequence(self.head, input_shape))
+
+    def first_half(self, x: tf.Tensor) -> tf.Tensor:
+        return _apply(self.head, x)
+
+    def second_half(self, x: tf.Tensor, h: tf.Tensor, seed: tf.Tensor | None = None) -> tf.Tensor:
+        if self.dropout is not None:
+            h = self.dropout(h, seed=seed)
+        return x + _apply(self.tail, h)
+
+    def call(self, x, seed=None):
+        return self.second_half(x, self.first_half(x), seed)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "dropout_rate": self.dropout_rate,
+                "dropout_index": self.dropout_index}
+
+
+@keras.saving.register_keras_serializable(package="microsr_tf")
+class ResnetGenerator(keras.Model):
+    """ResNet image-to-image generator (CycleGAN), one channel in [0, 1] in and out.
+
+    7x7 stem, two stride-2 convs, ``n_blocks`` residual blocks, two x2 upsamplings ("transpose":
+    3x3 stride-2 transposed conv; "resize": nearest x2 + 3x3 conv), 7x7 head and sigmoid. Height
+    and width must be multiples of 4. MC dropout (``rate``) sits after the trunk ("bottleneck", the
+    paper's single dropout layer), inside every residual block ("resblocks", as CycleGAN's
+    ``use_dropout``) or nowhere ("none"); it is on in every call.
+    """
+
+    def __init__(self, ngf: int = 64, n_blocks: int = 9, upsample: str = "transpose",
+                 dropout_rate: float = 0.5, dropout_position: str = "bottleneck", **kwargs):
+        super().__init__(**kwargs)
+        if upsample not in UPSAMPLE_KINDS:
+            raise ConfigError(f"model.upsample must be one of {UPSAMPLE_KINDS}, got {upsample!r}")
+        if dropout_position not in DROPOUT_POSITIONS:
+            raise ConfigError(f"model.dropout_position must be one of {DROPOUT_POSITIONS}, got {dropout_position!r}")
+        if not 0.0 <= dropout_rate < 1.0:
+            raise ConfigError(f"model.dropout_rate must be in [0, 1), got {dropout_rate}")
+        self.ngf, self.n_blocks, self.upsample = int(ngf), int(n_blocks), upsample
+        self.dropout_rate, self.dropout_position = float(dropout_rate), dropout_position
+        # A zero rate or no blocks to hold the dropout means the network is deterministic.
+        position = dropout_position if dropout_rate > 0 else "none"
+        if position == "resblocks" and n_blocks == 0:
+            position = "none"
+        self._position = position
+
+        self.encoder = [
+            ReflectionPadding2D(3), keras.layers.Conv2D(ngf, 7), instance_norm(), keras.layers.ReLU(),
+            keras.layers.Conv2D(2 * ngf, 3, strides=2, padding="same"), instance_norm(), keras.layers.ReLU(),
+            keras.layers.Conv2D(4 * ngf, 3, strides=2, padding="same"), instance_norm(), keras.layers.ReLU(),
+        ]
+        block_rate = dropout_rate if position == "resblocks" else 0.0
+        self.blocks = [ResnetBlock(4 * ngf, block_rate, dropout_index=i, name=f"block_{i}") for i in range(n_blocks)]
+        self.bottleneck_dropout = MCDropout(dropout_rate, 0) if position == "bottleneck" else None
+        self.decoder = []
+        for filters in (2 * ngf, ngf):
+            up = (keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same") if upsample == "transpose"
+                  else SubPixelResizeConv2D(filters))
+            self.decoder += [up, instance_norm(), keras.layers.ReLU()]
+        self.decoder += [ReflectionPadding2D(3), keras.layers.Conv2D(1, 7),
+                         keras.layers.Activation("sigmoid", dtype="float32")]
+
+    @property
+    def n_dropout_layers(self) -> int:
+        """Number of MC dropout layers that actually drop (0 when deterministic)."""
+        return {"none": 0, "bottleneck": 1, "resblocks": self.n_blocks}[self._position]
+
+    def build(self, input_shape):
+        shape = _build_sequence(self.encoder, tuple(input_shape))
+        shape = _build_sequence(self.blocks, shape)
+        _build_sequence(self.decoder, shape)
+
+    def _ensure_built(self, x: tf.Tensor) -> None:
+        if not self.built:
+            self.build(tuple(x.shape))
+
+    def deterministic_prefix(self, x: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        """Everything before the first dropout layer; the result may be tiled along the batch axis.
+
+        "bottleneck": ``(trunk output,)``; "resblocks": ``(first block input, its hidden activation)``;
+        "none": ``(generator output,)``.
+        """
+        x = tf.cast(x, tf.float32)
+        self._ensure_built(x)
+        h = _apply(self.encoder, x)
+        if self._position == "resblocks":
+            return h, self.blocks[0].first_half(h)
+        for block in self.blocks:
+            h = block(h)
+        if self._position == "none":
+            return (_apply(self.decoder, h),)
+        return (h,)
+
+    def stochastic_suffix(self, features: Sequence[tf.Tensor], seed: tf.Tensor | None = None) -> tf.Tensor:
+        """The rest of the network from :meth:`deterministic_prefix`'s features; ``seed`` ``[B, 2]`` int32."""
+        if self._position == "none":
+            return features[0]
+        if self._position == "resblocks":
+            x, hidden = features
+            h = self.blocks[0].second_half(x, hidden, seed)
+            for block in self.blocks[1:]:
+                h = block(h, seed=seed)
+        else:
+            h = self.bottleneck_dropout(features[0], seed=seed)
+        return _apply(self.decoder, h)
+
+    def call(self, x, seed=None):
+        return self.stochastic_suffix(self.deterministic_prefix(x), seed)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (1,)
+
+    def flops_per_pixel(self) -> dict[str, int]:
+        """Multiply-adds per output pixel of the convolutions in the prefix and in the suffix (as
+        implemented: the resize upsampling costs 16 instead of 9 per low-resolution pixel)."""
+        ngf = self.ngf
+        up_taps = 9 if self.upsample == "transpose" else 16
+        costs = [49 * ngf, 9 * ngf * 2 * ngf / 4, 9 * 2 * ngf * 4 * ngf / 16]  # stem, two downsamplings
+        block_conv = 9 * (4 * ngf) ** 2 / 16
+        costs += [block_conv] * (2 * self.n_blocks)
+        costs += [up_taps * 4 * ngf * 2 * ngf / 16, up_taps * 2 * ngf * ngf / 4, 49 * ngf]
+        split = {"none": len(costs), "bottleneck": 3 + 2 * self.n_blocks, "resblocks": 4}[self._position]
+        return {"prefix": round(sum(costs[:split])), "suffix": round(sum(costs[split:]))}
+
+    def get_config(self):
+        return {**super().get_config(), "ngf": self.ngf, "n_blocks": self.n_blocks, "upsample": self.upsample,
+                "dropout_rate": self.dropout_rate, "dropout_position": self.dropout_position}

@@ -1,0 +1,305 @@
+"""Generator (MC dropout, prefix/suffix split, serialisation), PatchGAN critic and the artifact files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from microsr_tf.errors import ConfigError, InputError
+from microsr_tf.models.artifact import load_generator, meta_path_for, save_generator
+from microsr_tf.models.discriminator import PatchDiscriminator
+from microsr_tf.models.generator import ResnetGenerator
+from microsr_tf.models.layers import MCDropout, ReflectionPadding2D, SubPixelResizeConv2D
+
+POSITIONS = ("bottleneck", "resblocks", "none")
+UPSAMPLES = ("transpose", "resize")
+# Convolutions blocked for different batch sizes round differently in float32.
+ACROSS_BATCH_ATOL = 1e-5
+
+
+def tiny(position="bottleneck", upsample="transpose", **kwargs) -> ResnetGenerator:
+    return ResnetGenerator(ngf=4, n_blocks=2, upsample=upsample, dropout_position=position, **kwargs)
+
+
+def image(rng, *shape) -> tf.Tensor:
+    return tf.constant(rng.uniform(size=shape + (1,)).astype("float32"))
+
+
+def seeds(*rows) -> tf.Tensor:
+    return tf.constant(rows, tf.int32)
+
+
+# ----- layers -----------------------------------------------------------------------------------
+
+def test_reflection_padding_mirrors_without_repeating_the_edge():
+    x = tf.reshape(tf.range(9, dtype=tf.float32), [1, 3, 3, 1])
+    y = ReflectionPadding2D(1)(x)[0, :, :, 0].numpy()
+    assert y.shape == (5, 5)
+    np.testing.assert_array_equal(y[0, 1:4], [3, 4, 5])  # row 1 mirrored above row 0
+    np.testing.assert_array_equal(y[1:4, 0], [1, 4, 7])
+    assert ReflectionPadding2D.from_config(ReflectionPadding2D(3).get_config()).padding == 3
+
+
+def test_mc_dropout_rate_scaling_and_identity():
+    x = tf.ones([4, 32, 32, 16])
+    y = MCDropout(0.3)(x).numpy()
+    np.testing.assert_allclose(np.unique(y), [0.0, 1 / 0.7], rtol=1e-6)
+    assert abs((y > 0).mean() - 0.7) < 0.01
+    np.testing.assert_array_equal(MCDropout(0.0)(x, seed=seeds(*[[1, 2]] * 4)), x)
+
+
+def test_mc_dropout_seeded_masks_are_per_example_and_per_layer():
+    x = tf.ones([3, 16, 16, 8])
+    rows = seeds([1, 2], [1, 3], [-7, 2**31 - 1])
+    batch = MCDropout(0.5)(x, seed=rows).numpy()
+    for i in range(3):  # row i alone gives the same mask, bit for bit
+        np.testing.assert_array_equal(MCDropout(0.5)(x[i:i + 1], seed=rows[i:i + 1])[0], batch[i])
+    keep = batch > 0
+    other_layer = MCDropout(0.5, index=1)(x, seed=rows).numpy() > 0
+    first_word = MCDropout(0.5)(x, seed=seeds([0, 2], [1, 2], [2, 2])).numpy() > 0
+    # independent masks agree on about half of the elements
+    np.testing.assert_array_equal(first_word[1], keep[0])  # same row [1, 2], other batch
+    for a, b in [(keep[0], keep[1]), (keep[0], other_layer[0]), (first_word[0], first_word[1]),
+                 (first_word[0], first_word[2])]:
+        assert 0.45 < (a == b).mean() < 0.55
+
+
+def test_mc_dropout_without_seed_draws_fresh_masks_and_gradients_flow():
+    layer = MCDropout(0.5)
+    x = tf.ones([2, 8, 8, 4])
+    assert not np.array_equal(layer(x), layer(x))
+    v = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        y = layer(v, seed=seeds([5, 6], [7, 8]))
+        total = tf.reduce_sum(y)
+    np.testing.assert_array_equal(tape.gradient(total, v), y)  # d(x*m)/dx = m = y for x=1
+
+
+def test_subpixel_resize_equals_nearest_upsampling_then_conv(rng):
+    x = tf.constant(rng.normal(size=(2, 5, 7, 6)).astype("float32"))
+    reference = keras.Sequential([keras.layers.UpSampling2D(2), keras.layers.Conv2D(3, 3, padding="same")])
+    reference.build(x.shape)
+    reference.layers[1].bias.assign(rng.normal(size=3).astype("float32"))
+    layer = SubPixelResizeConv2D(3)
+    layer.build(x.shape)
+    layer.set_weights(reference.get_weights())
+    np.testing.assert_allclose(layer(x), reference(x), atol=1e-5)
+
+
+# ----- generator --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("upsample", UPSAMPLES)
+def test_generator_shapes_and_range_with_unknown_size(rng, upsample):
+    gen = tiny(upsample=upsample)
+    run = tf.function(gen, input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)])
+    for h, w in [(32, 32), (32, 48), (64, 36)]:
+        y = run(image(rng, 2, h, w)).numpy()
+        assert y.shape == (2, h, w, 1) and y.dtype == np.float32
+        assert 0.0 <= y.min() and y.max() <= 1.0
+
+
+@pytest.mark.parametrize("position", ["bottleneck", "resblocks"])
+def test_dropout_is_on_at_inference(rng, position):
+    gen = tiny(position)
+    x = image(rng, 2, 32, 32)
+    assert gen.n_dropout_layers == (1 if position == "bottleneck" else 2)
+    assert np.abs(gen(x, training=False) - gen(x, training=False)).max() > 1e-4
+    assert np.abs(gen.predict(x, verbose=0) - gen.predict(x, verbose=0)).max() > 1e-4
+
+
+def test_position_none_and_zero_rate_are_deterministic(rng):
+    x = image(rng, 2, 32, 32)
+    for gen in (tiny("none"), tiny("bottleneck", dropout_rate=0.0)):
+        assert gen.n_dropout_layers == 0
+        np.testing.assert_array_equal(gen(x), gen(x))
+
+
+@pytest.mark.parametrize("position", ["bottleneck", "resblocks"])
+def test_seeded_samples_are_reproducible_and_per_example(rng, position):
+    gen = tiny(position)
+    x = image(rng, 3, 32, 32)
+    rows = seeds([0, 1], [0, 2], [123, -5])
+    a = gen(x, seed=rows).numpy()
+    np.testing.assert_array_equal(a, gen(x, seed=rows))
+    assert np.abs(a - gen(x, seed=seeds([9, 1], [9, 2], [9, 3]))).max() > 1e-4
+    for i in range(3):
+        np.testing.assert_allclose(gen(x[i:i + 1], seed=rows[i:i + 1])[0], a[i], atol=ACROSS_BATCH_ATOL)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("upsample", UPSAMPLES)
+def test_prefix_then_suffix_equals_call_and_tiles_into_samples(rng, position, upsample):
+    gen = tiny(position, upsample)
+    x = image(rng, 1, 32, 40)
+    features = gen.deterministic_prefix(x)
+    assert isinstance(features, tuple)
+    rows = seeds([3, 0], [3, 1], [3, 2], [4, 0])
+    tiled = tuple(tf.repeat(f, 4, axis=0) for f in features)
+    samples = gen.stochastic_suffix(tiled, rows).numpy()
+    for t in range(4):
+        np.testing.assert_allclose(samples[t], gen(x, seed=rows[t:t + 1])[0], atol=ACROSS_BATCH_ATOL)
+    spread = samples.std(axis=0).max()
+    assert (spread == 0) if position == "none" else (spread > 1e-4)
+
+
+def test_flops_split_moves_with_the_dropout_position():
+    split = {p: ResnetGenerator(dropout_position=p).flops_per_pixel() for p in POSITIONS}
+    totals = {p: s["prefix"] + s["suffix"] for p, s in split.items()}
+    assert len(set(totals.values())) == 1
+    assert split["none"]["suffix"] == 0
+    assert 0 < split["bottleneck"]["suffix"] < split["resblocks"]["suffix"]
+    # the trunk dominates: the per-sample suffix is a small fraction of the network
+    assert split["bottleneck"]["suffix"] < 0.1 * totals["bottleneck"]
+
+
+def test_invalid_generator_settings_raise_config_error():
+    with pytest.raises(ConfigError, match="upsample"):
+        ResnetGenerator(upsample="bilinear")
+    with pytest.raises(ConfigError, match="dropout_position"):
+        ResnetGenerator(dropout_position="everywhere")
+
+
+def test_generator_trains(rng):
+    gen = tiny("resblocks")
+    x = image(rng, 2, 32, 32)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(gen(x) - x))
+    grads = tape.gradient(loss, gen.trainable_variables)
+    assert len(grads) == len(gen.trainable_variables) > 0
+    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
+
+
+def test_get_config_round_trip(rng):
+    gen = tiny("resblocks", "resize", dropout_rate=0.25)
+    x = image(rng, 1, 32, 32)
+    gen(x)
+    clone = ResnetGenerator.from_config(gen.get_config())
+    assert clone.get_config() == {**gen.get_config(), "name": clone.name}
+    clone(x)
+    clone.set_weights(gen.get_weights())
+    rows = seeds([1, 1])
+    np.testing.assert_allclose(clone(x, seed=rows), gen(x, seed=rows), atol=1e-6)
+
+
+def test_keras_file_round_trip(rng, tmp_path):
+    gen = tiny("bottleneck", "resize")
+    x = image(rng, 2, 32, 32)
+    rows = seeds([5, 5], [6, 6])
+    expected = gen(x, seed=rows).numpy()
+    gen.save(tmp_path / "g.keras")
+    loaded = keras.saving.load_model(tmp_path / "g.keras", compile=False)
+    assert isinstance(loaded, ResnetGenerator)
+    np.testing.assert_array_equal(loaded(x, seed=rows), expected)
+
+
+def test_saved_model_export_keeps_dropout_on(rng, tmp_path):
+    gen = tiny("bottleneck")
+    x = image(rng, 2, 32, 32)
+    gen(x)
+    module = tf.Module()
+    module.generator = gen
+    module.sample = tf.function(lambda x: gen(x), input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)])
+    module.sample_seeded = tf.function(
+        lambda x, seed: gen(x, seed=seed),
+        input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32), tf.TensorSpec([None, 2], tf.int32)])
+    tf.saved_model.save(module, str(tmp_path / "export"))
+    loaded = tf.saved_model.load(str(tmp_path / "export"))
+    a, b = loaded.sample(x).numpy(), loaded.sample(x).numpy()
+    assert a.shape == (2, 32, 32, 1) and np.abs(a - b).max() > 1e-4
+    rows = seeds([1, 2], [3, 4])
+    np.testing.assert_allclose(loaded.sample_seeded(x, rows), gen(x, seed=rows), atol=1e-6)
+
+
+def test_mirrored_replicas_draw_different_masks(rng):
+    devices = tf.config.list_logical_devices("CPU")
+    if len(devices) < 2:
+        pytest.skip("needs two logical CPU devices")
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    with strategy.scope():
+        gen = tiny("bottleneck")
+    x = image(rng, 1, 32, 32)
+    gen(x)
+
+    @tf.function
+    def step():
+        return strategy.run(gen, args=(x,))
+
+    first, second = strategy.experimental_local_results(step())
+    assert np.abs(first.numpy() - second.numpy()).max() > 1e-4
+
+
+# ----- discriminator ----------------------------------------------------------------------------
+
+def test_patch_discriminator_shapes_logits_and_config(rng):
+    disc = PatchDiscriminator(ndf=8, n_layers=3)
+    assert disc(image(rng, 2, 64, 64)).shape == (2, 6, 6, 1)
+    logits = disc(image(rng, 1, 256, 256)).numpy()
+    assert logits.shape == (1, 30, 30, 1)
+    assert logits.min() < 0  # raw logits, no sigmoid
+    clone = PatchDiscriminator.from_config(disc.get_config())
+    assert (clone.ndf, clone.n_layers) == (8, 3)
+    assert PatchDiscriminator(ndf=4, n_layers=2)(image(rng, 1, 64, 64)).shape == (1, 14, 14, 1)
+
+
+# ----- artifact ---------------------------------------------------------------------------------
+
+META = {"lr_spacing": [0.3, 0.3, 0.3], "stats": {"mean": 1.5}, "model": {"ngf": 4}}
+
+
+def test_artifact_round_trip_file_and_run_directory(rng, tmp_path):
+    gen = tiny("resblocks")
+    x = image(rng, 1, 32, 32)
+    rows = seeds([2, 3])
+    expected = gen(x, seed=rows).numpy()
+    save_generator(gen, tmp_path / "generator.keras", META)
+    assert sorted(os.listdir(tmp_path)) == ["generator.keras", "generator.meta.json"]  # no temporaries left
+    for source in (tmp_path / "generator.keras", tmp_path):
+        loaded, meta = load_generator(source)
+        assert meta == META
+        np.testing.assert_array_equal(loaded(x, seed=rows), expected)
+    assert meta_path_for("a/b.keras") == "a/b.meta.json"
+
+
+def test_artifact_input_errors(rng, tmp_path):
+    gen = tiny()
+    gen(image(rng, 1, 32, 32))
+    with pytest.raises(InputError, match="no such file"):
+        load_generator(tmp_path / "missing.keras")
+    with pytest.raises(InputError, match=r"\.keras"):
+        save_generator(gen, tmp_path / "generator.h5", META)
+
+    (tmp_path / "text.keras").write_text("not a zip")
+    with pytest.raises(InputError, match="not a Keras archive"):
+        load_generator(tmp_path / "text.keras")
+
+    save_generator(gen, tmp_path / "g.keras", META)
+    os.unlink(tmp_path / "g.meta.json")
+    with pytest.raises(InputError, match="metadata file is missing") as info:
+        load_generator(tmp_path / "g.keras")
+    assert info.value.path == str(tmp_path / "g.meta.json")
+    (tmp_path / "g.meta.json").write_text("{broken")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_generator(tmp_path / "g.keras")
+    (tmp_path / "g.meta.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(InputError, match="JSON object"):
+        load_generator(tmp_path / "g.keras")
+
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(InputError, match="no generator.keras"):
+        load_generator(tmp_path / "empty_run")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "saved_model.pb").write_bytes(b"")
+    with pytest.raises(InputError, match="SavedModel"):
+        load_generator(tmp_path / "export")
+
+    disc = PatchDiscriminator(ndf=4)
+    disc(image(rng, 1, 64, 64))
+    disc.save(tmp_path / "d.keras")
+    (tmp_path / "d.meta.json").write_text("{}")
+    with pytest.raises(InputError, match="not a ResnetGenerator"):
+        load_generator(tmp_path / "d.keras")

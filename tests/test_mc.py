@@ -1,0 +1,132 @@
+"""Monte Carlo engine: eq. 4 exactly, cached prefix == naive full passes, chunking, seeds, memory budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from microsr_tf.errors import ConfigError, InputError
+from microsr_tf.inference.mc import (MonteCarloPredictor, _Moments, convergence_figures, naive_predict,
+                                     seed_rows)
+from microsr_tf.models.generator import ResnetGenerator
+
+
+def tiny_generator(position: str = "bottleneck", seed: int = 0) -> ResnetGenerator:
+    tf.keras.utils.set_random_seed(seed)
+    return ResnetGenerator(ngf=4, n_blocks=2, upsample="transpose", dropout_rate=0.5, dropout_position=position)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).random((2, 32, 32, 1)).astype(np.float32)
+
+
+def naive_samples(gen, x, samples, seed):
+    """``[T, N, H, W, 1]``: every sample as one full generator pass with the engine's seed rows."""
+    return np.stack([gen(x, seed=tf.constant(seed_rows([seed] * len(x), t))).numpy() for t in range(samples)])
+
+
+@pytest.mark.parametrize("position", ["bottleneck", "resblocks"])
+def test_cached_prefix_equals_naive_full_passes_and_eq4(images, position):
+    gen = tiny_generator(position)
+    result = MonteCarloPredictor(gen, samples=10, seed=42).predict(images)
+    naive = naive_predict(gen, images, samples=10, seed=42)
+    stack = naive_samples(gen, images, 10, 42).astype(np.float64)
+    assert result.mean.shape == result.var.shape == images.shape
+    np.testing.assert_allclose(result.mean, naive.mean, atol=1e-5)
+    np.testing.assert_allclose(result.var, naive.var, atol=1e-6)
+    # eq. 4: p = 1/T sum G_d(x), c = 1/T sum (G_d(x) - p)^2 (population variance)
+    np.testing.assert_allclose(result.mean, stack.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(result.var, stack.var(axis=0, ddof=0), atol=1e-6)
+    np.testing.assert_allclose(result.std, np.sqrt(stack.var(axis=0)), atol=1e-4)
+    assert result.var.max() > 1e-5  # dropout really varies the samples
+
+
+def test_result_does_not_depend_on_chunking_or_batching(images):
+    gen = tiny_generator()
+    base = MonteCarloPredictor(gen, samples=9, seed=3).predict(images)
+    for chunk in (1, 4):
+        other = MonteCarloPredictor(gen, samples=9, seed=3, chunk_size=chunk).predict(images)
+        np.testing.assert_allclose(other.mean, base.mean, atol=1e-6)
+        np.testing.assert_allclose(other.var, base.var, atol=1e-7)
+    alone = MonteCarloPredictor(gen, samples=9, seed=3).predict(images[1:])
+    np.testing.assert_allclose(alone.mean[0], base.mean[1], atol=1e-6)
+    np.testing.assert_allclose(alone.var[0], base.var[1], atol=1e-7)
+
+
+def test_memory_budget_sizes_chunks_and_rejects_what_cannot_fit(images):
+    gen = tiny_generator()
+    predictor = MonteCarloPredictor(gen, samples=8, seed=1)
+    per_sample = predictor.bytes_per_sample(32, 32)
+    # at least the output and the features of one pass; grows with the image area
+    assert per_sample > 32 * 32 * 4 + 8 * 8 * 16 * 4
+    assert 3 * per_sample < predictor.bytes_per_sample(64, 64) <= 4 * per_sample
+    three_rows = MonteCarloPredictor(gen, samples=8, seed=1, memory_budget_mb=3.5 * per_sample / 2**20)
+    np.testing.assert_allclose(three_rows.predict(images).mean, predictor.predict(images).mean, atol=1e-6)
+    assert three_rows.fits(32, 32) and not three_rows.fits(128, 128)
+    with pytest.raises(ConfigError, match="memory_budget_mb"):
+        MonteCarloPredictor(gen, samples=8, memory_budget_mb=0.5 * per_sample / 2**20).predict(images)
+
+
+def test_seeds_reproduce_and_none_draws_a_recorded_seed(images):
+    gen = tiny_generator()
+    a = MonteCarloPredictor(gen, samples=4).predict(images)
+    b = MonteCarloPredictor(gen, samples=4).predict(images)
+    assert a.seed != b.seed and not np.allclose(a.var, b.var)
+    again = MonteCarloPredictor(gen, samples=4, seed=a.seed).predict(images)
+    np.testing.assert_array_equal(again.mean, a.mean)
+    per_image = MonteCarloPredictor(gen, samples=4).predict(images, seed=[a.seed, 99])
+    np.testing.assert_array_equal(per_image.mean[0], a.mean[0])
+    assert per_image.seed == (a.seed, 99) and not np.allclose(per_image.var[1], a.var[1])
+
+
+def test_percentiles_match_numpy_over_the_samples(images):
+    gen = tiny_generator()
+    qs = (5, 50, 95)
+    result = MonteCarloPredictor(gen, samples=12, seed=8, chunk_size=5, percentiles=qs).predict(images)
+    stack = naive_samples(gen, images, 12, 8)
+    assert set(result.percentiles) == {5.0, 50.0, 95.0}
+    for q in qs:
+        np.testing.assert_allclose(result.percentiles[q], np.percentile(stack, q, axis=0), atol=1e-5)
+    assert MonteCarloPredictor(gen, samples=3, seed=8).predict(images).percentiles is None
+
+
+def test_convergence_compares_half_and_all_samples(images):
+    gen = tiny_generator()
+    result = MonteCarloPredictor(gen, samples=10, seed=5, chunk_size=3).predict(images)
+    stack = naive_samples(gen, images, 10, 5).astype(np.float64)
+    expected = convergence_figures(stack[:5].mean(0), stack[:5].var(0), stack.mean(0), stack.var(0))
+    assert result.convergence.keys() == expected.keys()
+    for key, value in expected.items():
+        assert result.convergence[key] == pytest.approx(value, rel=1e-3, abs=1e-7)
+    many = MonteCarloPredictor(gen, samples=64, seed=5).predict(images)
+    assert many.convergence["mean_rel_change"] < result.convergence["mean_rel_change"]
+
+
+def test_streaming_moments_are_numerically_stable():
+    rng = np.random.default_rng(0)
+    data = 1e4 + 1e-2 * rng.standard_normal((100, 50))  # large offset, tiny spread
+    moments = _Moments()
+    for a, b in ((0, 7), (7, 50), (50, 51), (51, 100)):
+        chunk = data[a:b]
+        moments.merge(b - a, chunk.mean(0), ((chunk - chunk.mean(0)) ** 2).sum(0))
+    np.testing.assert_allclose(moments.mean, data.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(moments.variance(), data.var(0), rtol=1e-8)
+
+
+@pytest.mark.parametrize("kwargs", [{"samples": 1}, {"samples": 0}, {"chunk_size": 0},
+                                    {"memory_budget_mb": 0}, {"percentiles": (101,)}, {"seed": -1}])
+def test_bad_settings_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        MonteCarloPredictor(tiny_generator(), **{"samples": 4, **kwargs})
+
+
+def test_bad_inputs_are_input_errors(images):
+    predictor = MonteCarloPredictor(tiny_generator(), samples=2, seed=0)
+    with pytest.raises(InputError, match="multiples of 4"):
+        predictor.predict(np.zeros((1, 30, 32, 1), np.float32))
+    with pytest.raises(InputError, match=r"\[N, H, W, 1\]"):
+        predictor.predict(np.zeros((32, 32), np.float32))
+    with pytest.raises(ConfigError, match="per-image"):
+        predictor.predict(images, seed=[1, 2, 3])

@@ -1,0 +1,145 @@
+"""``microsr-tf predict``: super-resolve NIfTI volumes into posterior mean and variance volumes."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from microsr_tf.errors import ConfigError, InputError
+
+from ._common import user_errors
+
+ROI_HELP = ("Only process voxel ranges i0:i1,j0:j1,k0:k1 of the input array (its own axis order, half-open, "
+            "an empty bound means the full extent, e.g. ':,100:300,40:60'). The output affine places the "
+            "sub-volume correctly in world space.")
+
+
+def parse_roi(text: str | None) -> tuple[tuple[int | None, int | None], ...] | None:
+    """Parse ``i0:i1,j0:j1,k0:k1`` into three (start, stop) pairs; None bounds mean the full extent.
+
+    Mistakes are ConfigErrors (one line) rather than click usage errors (usage text plus the error).
+    """
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise ConfigError(f"--roi: expected three ranges i0:i1,j0:j1,k0:k1, got {text!r}")
+    roi = []
+    for part in parts:
+        bounds = part.strip().split(":")
+        try:
+            if len(bounds) != 2:
+                raise ValueError
+            lo, hi = (int(b) if b.strip() else None for b in bounds)
+        except ValueError:
+            raise ConfigError(f"--roi: range {part.strip()!r} is not start:stop with integer bounds") from None
+        if (lo is not None and lo < 0) or (hi is not None and hi < 0):
+            raise ConfigError(f"--roi: range {part.strip()!r} has a negative bound")
+        roi.append((lo, hi))
+    return tuple(roi)
+
+
+def parse_percentiles(text: str | None) -> tuple[float, ...]:
+    """Parse ``5,95`` into (5.0, 95.0)."""
+    if not text:
+        return ()
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--percentiles: expected comma-separated numbers like 5,95, got {text!r}") from None
+    return values
+
+
+class _Progress:
+    """Renders predict_volume's (done, total, elapsed) callbacks as a click progress bar on stderr."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.bar = None
+
+    def __call__(self, done: int, total: int, elapsed: float) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_eta=True,
+                                         show_pos=True, item_show_func=lambda s: s)
+            self.bar.__enter__()
+        rate = done / elapsed if elapsed > 0 else 0.0
+        self.bar.update(done - self.bar.pos, current_item=f"{rate:.2f} slices/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@click.command("predict")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT.nii[.gz]...")
+@click.option("--model", "model_path", required=True, metavar="PATH",
+              help="Trained generator: a training run directory or a .keras file.")
+@click.option("--out-dir", required=True, metavar="DIR",
+              help="Where NAME_mean.nii.gz and NAME_var.nii.gz are written (created if missing).")
+@click.option("--samples", "-T", type=int, default=100, show_default=True,
+              help="Monte Carlo dropout samples T per voxel (the paper uses 100). Each sample is one "
+                   "stochastic pass of the part of the generator after its dropout layer (the part before "
+                   "it runs once), so prediction time grows about linearly with T. At least 2.")
+@click.option("--seed", type=int, default=None,
+              help="Base seed of the dropout masks; the same seed gives identical files. Default: random "
+                   "(the seed used is reported). In [0, 2^31 - 1].")
+@click.option("--stitch", type=click.Choice(["blend", "paper", "whole"]), default="blend", show_default=True,
+              help="Whole-slice reconstruction: blend overlapping tiles, the paper's histogram matching + "
+                   "median filter, or the whole slice in one pass.")
+@click.option("--tile", type=int, default=256, show_default=True,
+              help="Tile size in HR pixels for blend/paper stitching (a multiple of 4, >= 8).")
+@click.option("--overlap", type=float, default=0.25, show_default=True,
+              help="Fraction of a tile shared with its neighbour (blend), in [0, 1).")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Tiles per forward pass.")
+@click.option("--roi", "roi_text", metavar="i0:i1,j0:j1,k0:k1", default=None, help=ROI_HELP)
+@click.option("--axis", type=int, default=None,
+              help="Slice axis of the input, 0, 1 or 2 (default: the model's, normally the last).")
+@click.option("--std", "write_std", is_flag=True, help="Also write NAME_std.nii.gz (square root of the variance).")
+@click.option("--percentiles", "percentiles_text", metavar="5,95", default=None,
+              help="Also write per-voxel percentiles of the T samples as NAME_pQ.nii.gz.")
+@click.option("--preview", is_flag=True,
+              help="Also write NAME_preview.png: LR | posterior mean | uncertainty of the middle slice.")
+@user_errors
+def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, batch_size, roi_text, axis,
+            write_std, percentiles_text, preview) -> None:
+    """Super-resolve INPUT volumes into posterior mean and variance NIfTI volumes (paper eq. 4).
+
+    Each input is read slice by slice, upsampled to the model's HR spacing, normalised, predicted T
+    times with Monte Carlo dropout and written as NAME_mean.nii.gz (HR intensity units) and
+    NAME_var.nii.gz (their square) with the matching affine.
+    """
+    roi = parse_roi(roi_text)
+    percentiles = parse_percentiles(percentiles_text)
+
+    from microsr_tf.inference.predict import check_options, plan_volume, predict_volume, stale_temp_files
+    from microsr_tf.models.artifact import load_generator
+
+    check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
+                  percentiles=percentiles)
+    generator, meta = load_generator(model_path)
+    plans = [plan_volume(path, meta, roi=roi, axis=axis) for path in inputs]  # refuse bad inputs up front
+    seen: dict[str, str] = {}
+    for plan in plans:
+        if plan.name in seen:
+            raise InputError(plan.input_path, f"has the same name as {seen[plan.name]}; outputs would collide")
+        seen[plan.name] = plan.input_path
+
+    for plan in plans:
+        stale = stale_temp_files(plan.name, out_dir)
+        if stale:
+            click.echo(f"note: {len(stale)} temporary file(s) of an interrupted run in {out_dir} are ignored and "
+                       f"can be deleted: {', '.join(stale)}", err=True)
+        progress = _Progress(plan.name)
+        try:
+            result = predict_volume(plan.input_path, generator, meta, out_dir, samples=samples, seed=seed,
+                                    stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size, roi=roi,
+                                    axis=axis, write_std=write_std, percentiles=percentiles, preview=preview,
+                                    progress=progress)
+        finally:
+            progress.close()
+        for path in result.outputs.values():
+            click.echo(f"wrote {path}")
+        click.echo(result.summary())

@@ -1,0 +1,292 @@
+"""Whole-volume prediction: NIfTI in, posterior mean/variance NIfTI out, on a tiny real generator."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from microsr_tf.cli.main import cli
+from microsr_tf.errors import ConfigError, InputError
+from microsr_tf.inference.predict import predict_volume, slice_seed
+from microsr_tf.models.artifact import save_generator
+from microsr_tf.models.generator import ResnetGenerator
+from microsr_tf.preprocessing import IntensityStats
+
+HR_SPACING = 0.1
+FACTOR = 4
+HR_STATS = IntensityStats(mean=2000.0, std=500.0, low=-3.0, high=3.0)  # [0, 1] -> [500, 3500]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A training-run-like directory holding a tiny untrained generator and its metadata."""
+    run = tmp_path_factory.mktemp("run")
+    gen = ResnetGenerator(ngf=4, n_blocks=1)
+    gen(np.zeros((1, 32, 32, 1), np.float32))
+    meta = {
+        "format": 1, "hr_spacing": [HR_SPACING, HR_SPACING], "lr_spacing": [0.4, 0.4],
+        "factors": [float(FACTOR), float(FACTOR)], "hr_stats": HR_STATS.to_dict(),
+        "model": {"ngf": 4, "n_blocks": 1}, "patch_size": 32, "axis": -1,
+    }
+    save_generator(gen, run / "generator.keras", meta)
+    return run
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    from microsr_tf.models.artifact import load_generator
+
+    return load_generator(model_dir)
+
+
+def rotated_affine(zooms, origin=(10.0, -20.0, 5.0), angle=0.5):
+    """A rotated, translated affine with the given voxel sizes (exercises the full 4x4, not just zooms)."""
+    c, s = np.cos(angle), np.sin(angle)
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag(zooms)
+    aff[:3, 3] = origin
+    return aff
+
+
+def write_lr(path, shape=(10, 12, 6), zooms=(0.4, 0.4, 0.8), seed=0):
+    """An int16 LR volume: a bright ellipsoid ("bone") with a ramp, on noisy soft tissue."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    bone = (grid[0] ** 2 / 0.5 + grid[1] ** 2 / 0.4 + grid[2] ** 2 / 0.9) < 1
+    data = 100 + 20 * rng.standard_normal(shape) + bone * (1200 + 300 * grid[0])
+    nib.save(nib.Nifti1Image(data.astype(np.int16), rotated_affine(zooms)), path)
+    return path
+
+
+def world(affine, ijk):
+    ijk = np.asarray(ijk, np.float64)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def lr_centres_in_hr(ijk, axis, factor=FACTOR):
+    """HR continuous index of LR voxel centres: in-plane i -> (i + 0.5) * f - 0.5, slice index unchanged."""
+    out = np.asarray(ijk, np.float64).copy()
+    for d in range(3):
+        if d != axis % 3:
+            out[:, d] = (out[:, d] + 0.5) * factor - 0.5
+    return out
+
+
+def all_voxels(shape):
+    return np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+
+
+def run_cli(args):
+    return CliRunner().invoke(cli, ["predict", *map(str, args)])
+
+
+def final_files(directory):
+    """Non-hidden files: what a user would take as results."""
+    return sorted(f for f in os.listdir(directory) if not f.startswith(".")) if os.path.isdir(directory) else []
+
+
+def test_cli_writes_mean_and_var_on_the_input_grid(tmp_path, model_dir):
+    src = write_lr(tmp_path / "ear.nii.gz")
+    out = tmp_path / "out"
+    result = run_cli([src, "--model", model_dir, "--out-dir", out, "--samples", 4, "--seed", 3,
+                      "--tile", 32, "--batch-size", 4])
+    assert result.exit_code == 0, result.output
+    assert final_files(out) == ["ear_mean.nii.gz", "ear_var.nii.gz"]
+    assert sorted(os.listdir(out)) == final_files(out)  # no temporaries left behind
+    assert "mean_rel_change" in result.stdout and "seed 3" in result.stdout
+
+    src_img = nib.load(src)
+    for name in ("ear_mean.nii.gz", "ear_var.nii.gz"):
+        img = nib.load(out / name)
+        assert img.shape == (40, 48, 6)
+        assert np.allclose(img.header.get_zooms(), (0.1, 0.1, 0.8), atol=1e-6)
+        # Each LR voxel centre lies where the HR grid says it does, to 1e-4 mm.
+        ijk = all_voxels(src_img.shape)
+        assert np.abs(world(img.affine, lr_centres_in_hr(ijk, -1)) - world(src_img.affine, ijk)).max() < 1e-4
+        assert img.get_data_dtype() == np.float32
+    mean = nib.load(out / "ear_mean.nii.gz").get_fdata()
+    var = nib.load(out / "ear_var.nii.gz").get_fdata()
+    # The generator's sigmoid output in [0, 1] maps to [500, 3500] HR units, variance at most (scale / 2)^2.
+    assert np.isfinite(mean).all() and mean.min() >= 500 - 1e-3 and mean.max() <= 3500 + 1e-3
+    assert mean.std() > 0
+    assert (var >= 0).all() and (var > 0).any() and var.max() <= (HR_STATS.scale / 2) ** 2
+
+
+def test_same_seed_gives_identical_files_and_slices_do_not_depend_on_the_roi(tmp_path, model):
+    gen, meta = model
+    src = write_lr(tmp_path / "ear.nii")
+    kwargs = dict(samples=3, stitch="whole")
+    a = predict_volume(src, gen, meta, tmp_path / "a", seed=11, **kwargs)
+    b = predict_volume(src, gen, meta, tmp_path / "b", seed=11, **kwargs)
+    c = predict_volume(src, gen, meta, tmp_path / "c", seed=12, **kwargs)
+    part = predict_volume(src, gen, meta, tmp_path / "d", seed=11, roi=((None, None), (None, None), (2, 5)),
+                          **kwargs)
+    assert a.seed == 11 and a.n_slices == 6 and part.n_slices == 3 and a.slices_per_s > 0
+    for key in ("mean", "var"):
+        va, vb, vc = (nib.load(r.outputs[key]).get_fdata() for r in (a, b, c))
+        assert np.array_equal(va, vb)
+        assert not np.array_equal(va, vc)
+        vd = nib.load(part.outputs[key]).get_fdata()
+        np.testing.assert_allclose(vd, va[:, :, 2:5], rtol=1e-5, atol=1e-4)
+    assert slice_seed(11, 2) != slice_seed(11, 3) and slice_seed(11, 2) == slice_seed(11, 2)
+
+
+def test_identical_slices_get_independent_dropout_masks(tmp_path, model):
+    gen, meta = model
+    data = np.tile(np.asarray(nib.load(write_lr(tmp_path / "a.nii.gz")).dataobj)[:, :, 2:3], (1, 1, 3))
+    nib.save(nib.Nifti1Image(data, rotated_affine((0.4, 0.4, 0.8))), tmp_path / "same.nii.gz")
+    res = predict_volume(tmp_path / "same.nii.gz", gen, meta, tmp_path / "out", samples=3, seed=5, stitch="whole")
+    mean = nib.load(res.outputs["mean"]).get_fdata()
+    assert not np.allclose(mean[:, :, 0], mean[:, :, 1]) and not np.allclose(mean[:, :, 1], mean[:, :, 2])
+
+
+def test_roi_output_shape_and_affine(tmp_path, model_dir):
+    src = write_lr(tmp_path / "ear.nii.gz")
+    out = tmp_path / "out"
+    result = run_cli([src, "--model", model_dir / "generator.keras", "--out-dir", out, "-T", 2,
+                      "--stitch", "whole", "--roi", "2:8,3:,1:4"])
+    assert result.exit_code == 0, result.output
+    img = nib.load(out / "ear_mean.nii.gz")
+    assert img.shape == (24, 36, 3)
+    roi_ijk = all_voxels((6, 9, 3))
+    src_aff = nib.load(src).affine
+    expected = world(src_aff, roi_ijk + np.array([2, 3, 1]))
+    assert np.abs(world(img.affine, lr_centres_in_hr(roi_ijk, -1)) - expected).max() < 1e-4
+
+
+def test_axis_other_than_last(tmp_path, model):
+    gen, meta = model
+    src = write_lr(tmp_path / "cor.nii.gz", shape=(5, 10, 12), zooms=(0.8, 0.4, 0.4))
+    res = predict_volume(src, gen, meta, tmp_path / "out", samples=2, seed=0, stitch="whole", axis=0)
+    img = nib.load(res.outputs["mean"])
+    assert img.shape == (5, 40, 48) and res.n_slices == 5
+    assert np.allclose(img.header.get_zooms(), (0.8, 0.1, 0.1), atol=1e-6)
+    ijk = all_voxels((5, 10, 12))
+    assert np.abs(world(img.affine, lr_centres_in_hr(ijk, 0)) - world(nib.load(src).affine, ijk)).max() < 1e-4
+    assert (nib.load(res.outputs["var"]).get_fdata() > 0).any()
+
+
+def test_preview_std_percentiles_and_progress(tmp_path, model):
+    gen, meta = model
+    src = write_lr(tmp_path / "ear.nii.gz")
+    calls = []
+    res = predict_volume(src, gen, meta, tmp_path / "out", samples=4, seed=1, stitch="paper", tile=32,
+                         write_std=True, percentiles=(5, 95), preview=True,
+                         progress=lambda done, total, elapsed: calls.append((done, total, elapsed)))
+    assert sorted(res.outputs) == ["mean", "p5", "p95", "preview", "std", "var"]
+    assert [c[:2] for c in calls] == [(k, 6) for k in range(1, 7)]
+    assert all(b[2] >= a[2] >= 0 for a, b in zip(calls, calls[1:]))
+    png = cv2.imread(res.outputs["preview"])
+    assert png is not None and png.ndim == 3 and png.shape[1] > 3 * 40
+    assert png.std() > 0
+    std = nib.load(res.outputs["std"]).get_fdata()
+    var = nib.load(res.outputs["var"]).get_fdata()
+    np.testing.assert_allclose(std ** 2, var, rtol=1e-4, atol=1e-3)
+    p5, p95 = (nib.load(res.outputs[k]).get_fdata() for k in ("p5", "p95"))
+    assert (p5 <= p95 + 1e-3).all() and (p95 - p5 > 0).any()
+
+
+@pytest.mark.parametrize("case", ["missing", "not_nifti", "other_scale", "not_coarser", "no_model",
+                                  "one_sample", "roi_syntax", "roi_outside", "roi_empty", "bad_axis",
+                                  "second_input_bad"])
+def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir, case):
+    good = write_lr(tmp_path / "good.nii.gz")
+    out = tmp_path / "out"
+    args = [good, "--model", model_dir, "--out-dir", out, "-T", 2, "--stitch", "whole"]
+    expect = ["good.nii.gz"]
+    if case == "missing":
+        args[0], expect = tmp_path / "nope.nii.gz", ["nope.nii.gz", "not found"]
+    elif case == "not_nifti":
+        (tmp_path / "junk.nii.gz").write_bytes(b"this is not a NIfTI volume")
+        args[0], expect = tmp_path / "junk.nii.gz", ["junk.nii.gz"]
+    elif case == "other_scale":
+        args[0] = write_lr(tmp_path / "fine.nii.gz", zooms=(0.2, 0.2, 0.8))
+        expect = ["fine.nii.gz", "factors 2 x 2", "trained for factors 4 x 4"]
+    elif case == "not_coarser":
+        args[0] = write_lr(tmp_path / "micro.nii.gz", zooms=(0.05, 0.05, 0.05))
+        expect = ["micro.nii.gz", "not coarser"]
+    elif case == "no_model":
+        args[2], expect = tmp_path / "missing_run", ["missing_run"]
+    elif case == "one_sample":
+        args[6], expect = 1, ["samples", ">= 2"]
+    elif case == "roi_syntax":
+        args += ["--roi", "0:4,2"]
+        expect = ["--roi"]
+    elif case == "roi_outside":
+        args += ["--roi", "0:4,0:4,0:99"]
+        expect = ["good.nii.gz", "0:99", "axis 2"]
+    elif case == "roi_empty":
+        args += ["--roi", "3:3,:,:"]
+        expect = ["good.nii.gz", "3:3"]
+    elif case == "bad_axis":
+        args += ["--axis", "3"]
+        expect = ["good.nii.gz", "axis 3"]
+    elif case == "second_input_bad":
+        args.insert(1, write_lr(tmp_path / "fine.nii.gz", zooms=(0.2, 0.2, 0.8)))
+        expect = ["fine.nii.gz"]
+    result = run_cli(args)
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for text in expect:
+        assert text in lines[0], lines[0]
+    assert final_files(out) == []
+
+
+def test_library_refusals_name_the_file(tmp_path, model):
+    gen, meta = model
+    src = write_lr(tmp_path / "ear.nii.gz")
+    with pytest.raises(InputError) as info:
+        predict_volume(src, gen, meta, tmp_path / "out", samples=2, roi=((0, 20), (0, 4), (0, 2)))
+    assert info.value.path == str(src)
+    with pytest.raises(ConfigError, match="samples"):
+        predict_volume(src, gen, meta, tmp_path / "out", samples=1)
+    with pytest.raises(ConfigError, match="metadata lacks hr_stats"):
+        predict_volume(src, gen, {k: v for k, v in meta.items() if k != "hr_stats"}, tmp_path / "out")
+    assert final_files(tmp_path / "out") == []
+
+
+def test_sigkill_mid_run_leaves_no_output_and_a_rerun_succeeds(tmp_path, model_dir):
+    src = write_lr(tmp_path / "long.nii.gz", shape=(24, 24, 300), zooms=(0.4, 0.4, 0.4))
+    out = tmp_path / "out"
+    entry = "from microsr_tf.cli.main import main; main()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", entry, "predict", str(src), "--model", str(model_dir), "--out-dir", str(out),
+         "-T", "4", "--stitch", "whole", "--seed", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(f.endswith(".part") for f in (os.listdir(out) if out.is_dir() else [])):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "prediction never started writing"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert proc.poll() is None, "prediction finished before it could be killed; make the volume larger"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert final_files(out) == []
+    stale = sorted(os.listdir(out))
+    assert stale and all(f.startswith(".long_") for f in stale)
+
+    result = run_cli([src, "--model", model_dir, "--out-dir", out, "-T", 2, "--stitch", "whole",
+                      "--roi", ":,:,0:3"])
+    assert result.exit_code == 0, result.output
+    assert "interrupted run" in result.stderr
+    assert final_files(out) == ["long_mean.nii.gz", "long_var.nii.gz"]
+    assert nib.load(out / "long_mean.nii.gz").shape == (96, 96, 3)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
+import tempfile
 
 import click
 
@@ -16,6 +18,7 @@ COMMANDS = {
     "prepare": ("prepare", "Extract training patches once into TFRecord shards for fast streaming."),
     "train": ("train", "Train the CycleGAN on unpaired LR and HR NIfTI folders."),
     "predict": ("predict", "Super-resolve NIfTI volumes into posterior mean and variance volumes."),
+    "export": ("export", "Export a trained generator as a TF-Serving SavedModel returning mean and variance."),
 }
 
 
@@ -28,6 +31,8 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS or not _available(COMMANDS[name][0]):
             return None
+        with _native_logs_hidden():
+            import tensorflow  # noqa: F401  (its C++ start-up lines would drown the CLI's output)
         module = importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
         return module.command
 
@@ -36,6 +41,25 @@ class LazyGroup(click.Group):
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+@contextlib.contextmanager
+def _native_logs_hidden():
+    """Hide what native code writes to stderr (fd 2) meanwhile; replay it if an error escapes."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _available(module: str) -> bool:

@@ -75,7 +75,7 @@ class _Progress:
 @click.command("predict")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT.nii[.gz]...")
 @click.option("--model", "model_path", required=True, metavar="PATH",
-              help="Trained generator: a training run directory or a .keras file.")
+              help="Trained generator: a training run directory, a .keras file or an exported SavedModel.")
 @click.option("--out-dir", required=True, metavar="DIR",
               help="Where NAME_mean.nii.gz and NAME_var.nii.gz are written (created if missing).")
 @click.option("--samples", "-T", type=int, default=100, show_default=True,
@@ -115,11 +115,11 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
     percentiles = parse_percentiles(percentiles_text)
 
     from microsr_tf.inference.predict import check_options, plan_volume, predict_volume, stale_temp_files
-    from microsr_tf.models.artifact import load_generator
+    from microsr_tf.export import load_model
 
     check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
                   percentiles=percentiles)
-    generator, meta = load_generator(model_path)
+    generator, meta = load_model(model_path)
     plans = [plan_volume(path, meta, roi=roi, axis=axis) for path in inputs]  # refuse bad inputs up front
     seen: dict[str, str] = {}
     for plan in plans:

@@ -1,0 +1,61 @@
+"""The typed config: defaults from the paper, YAML loading, flag overrides, refusals."""
+
+import pytest
+import yaml
+
+from microsr_tf.config import Config
+from microsr_tf.errors import ConfigError, InputError
+
+
+def test_defaults_follow_the_paper():
+    cfg = Config().validate()
+    assert (cfg.data.patch_size, cfg.data.stride) == (256, 128)
+    assert (cfg.train.batch_size, cfg.train.learning_rate, cfg.train.epochs) == (5, 1e-4, 50)
+    assert (cfg.train.lambda_rec, cfg.train.lambda_adv) == (10.0, 1.0)
+    assert cfg.model.n_blocks == 9 and cfg.model.dropout_position == "bottleneck"
+
+
+def test_yaml_then_flags_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"patch_size": 64, "seed": 3}, "train": {"epochs": 2}}))
+    cfg = Config.load(path, {"train": {"epochs": 7, "batch_size": None}})
+    assert cfg.data.patch_size == 64 and cfg.data.seed == 3
+    assert cfg.train.epochs == 7  # flag wins over YAML
+    assert cfg.train.batch_size == 5  # an unset flag (None) keeps the value
+
+
+def test_save_round_trip(tmp_path):
+    cfg = Config.load(None, {"model": {"ngf": 8, "upsample": "resize"}})
+    cfg.save(tmp_path / "config.yaml")
+    again = Config.load(tmp_path / "config.yaml")
+    assert again == cfg
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left
+
+
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        ({"train": {"epoch": 3}}, "unknown config key train.epoch"),
+        ({"optim": {}}, "unknown config section 'optim'"),
+        ({"data": {"patch_size": 30}}, "multiple of 4"),
+        ({"model": {"dropout_position": "everywhere"}}, "dropout_position"),
+        ({"train": {"batch_size": "five"}}, "train.batch_size must be of type int"),
+        ({"train": {"epochs": 2.5}}, "train.epochs must be of type int"),
+    ],
+)
+def test_bad_values_are_refused_in_one_line(tmp_path, raw, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as info:
+        Config.load(path)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(InputError, match="config file not found"):
+        Config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        Config.load(bad)

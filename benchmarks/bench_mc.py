@@ -1,8 +1,10 @@
 """Monte Carlo engine benchmark: cached prefix vs naive full passes, sustained GFLOP/s, paper-size slice.
 
-Run ``python benchmarks/bench_mc.py [--stretch]``. Everything uses the paper's generator
-(ngf=64, nine residual blocks) with random weights (speed does not depend on them). Long runs are
-timed on fewer passes and extrapolated linearly in T; the table says where.
+Run ``python benchmarks/bench_mc.py [--stretch] [--jit]``. Everything uses the paper's generator
+(ngf=64, nine residual blocks) with random weights (speed does not depend on them), once with the
+reference layer-by-layer forward ("plain", ``fused_ops=False``) and once with the fused kernels
+("fused"), side by side in one run. Long runs are timed on fewer passes and extrapolated linearly in
+T; the table says where. Times exclude tracing (every predictor is warmed up first).
 """
 
 from __future__ import annotations
@@ -44,10 +46,21 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
-def linear_in_t(predictor_for, x, t_small: int, t_large: int) -> tuple[float, float]:
-    """Fit ``time = fixed + per_sample * T`` from two runs of the cached engine."""
-    small = timed(lambda: predictor_for(t_small).predict(x))
-    large = timed(lambda: predictor_for(t_large).predict(x))
+def predict_time(predictor: MonteCarloPredictor, x: np.ndarray, samples: int) -> float:
+    """Wall time of one ``predict`` at ``samples`` passes (warm it up at the same ``samples`` first)."""
+    predictor.samples = samples
+    start = time.perf_counter()
+    predictor.predict(x)
+    return time.perf_counter() - start
+
+
+def linear_in_t(predictor: MonteCarloPredictor, x: np.ndarray, t_small: int, t_large: int) -> tuple[float, float]:
+    """Fit ``time = fixed + per_sample * T`` from two runs of the cached engine, each warmed up at its
+    own T (chunk sizes differ with T, and every new chunk shape compiles the XLA kernels once)."""
+    predict_time(predictor, x, t_small)
+    predict_time(predictor, x, t_large)
+    small = predict_time(predictor, x, t_small)
+    large = predict_time(predictor, x, t_large)
     per_sample = max(large - small, 0.0) / (t_large - t_small)
     return small - per_sample * t_small, per_sample
 
@@ -61,10 +74,17 @@ def conv_reference_gflops() -> float:
     return 2 * 9 * 256 * 256 * 64 * 64 * 8 / seconds / 1e9
 
 
-def generator(position: str, size: int) -> ResnetGenerator:
-    gen = ResnetGenerator(ngf=64, n_blocks=9, upsample="transpose", dropout_rate=0.5, dropout_position=position)
-    gen(tf.zeros([1, size, size, 1]), seed=tf.zeros([1, 2], tf.int32))
-    return gen
+def generator_pair(position: str, size: int) -> dict[str, ResnetGenerator]:
+    """The paper's generator with the reference layer-by-layer forward ("plain") and, with the same
+    weights, the fused kernels ("fused")."""
+    pair = {}
+    for name in ("plain", "fused"):
+        gen = ResnetGenerator(ngf=64, n_blocks=9, upsample="transpose", dropout_rate=0.5, dropout_position=position)
+        gen.fused_ops = name == "fused"
+        gen(tf.zeros([1, size, size, 1]), seed=tf.zeros([1, 2], tf.int32))
+        pair[name] = gen
+    pair["fused"].set_weights(pair["plain"].get_weights())
+    return pair
 
 
 def p1_p2(args) -> list[tuple[str, str]]:
@@ -74,55 +94,81 @@ def p1_p2(args) -> list[tuple[str, str]]:
     reference = conv_reference_gflops()
     rows.append(("reference conv 3x3 256->256 64x64 b8", f"{reference:.1f} GFLOP/s"))
     for position in ("bottleneck", "resblocks"):
-        gen = generator(position, args.size)
-        full = tf.function(lambda a, r: gen(a, seed=r))
-        passes = args.naive_passes
-        naive_pass = timed(lambda: [full(x, tf.constant(seed_rows([1], t))).numpy() for t in range(passes)]) / passes
-        naive_total = naive_pass * args.samples
-        for jit in ((False, True) if position == "bottleneck" and args.jit else (False,)):
-            make = lambda t: MonteCarloPredictor(gen, samples=t, seed=1, jit_compile=jit)  # noqa: E731
+        pair = generator_pair(position, args.size)
+        naive, cached, means = {}, {}, {}
+        for name, gen in pair.items():
+            full = tf.function(lambda a, r, gen=gen: gen(a, seed=r))
+            passes = args.naive_passes
+            naive[name] = timed(lambda: [full(x, tf.constant(seed_rows([1], t))).numpy()
+                                         for t in range(passes)]) / passes
+            predictor = MonteCarloPredictor(gen, samples=2, seed=1)
             if position == "bottleneck":
-                cached = timed(lambda: make(args.samples).predict(x))
+                predict_time(predictor, x, args.samples)  # warm-up at the same chunk shapes
+                cached[name] = predict_time(predictor, x, args.samples)
+                means[name] = predictor.predict(x).mean
                 how = f"measured at T={args.samples}"
             else:
-                fixed, per_sample = linear_in_t(make, x, 2, args.resblocks_samples)
-                cached = fixed + per_sample * args.samples
+                fixed, per_sample = linear_in_t(predictor, x, 2, args.resblocks_samples)
+                cached[name] = fixed + per_sample * args.samples
                 how = f"fit on T=2 and T={args.resblocks_samples}, extrapolated"
-            label = f"{position}{' +jit' if jit else ''}"
-            rows.append((f"P1 {label}: naive T={args.samples}",
-                         f"{naive_total:.1f} s ({passes} passes of {naive_pass:.2f} s, extrapolated)"))
-            rows.append((f"P1 {label}: cached T={args.samples}", f"{cached:.1f} s ({how})"))
-            rows.append((f"P1 {label}: speed-up", f"{naive_total / cached:.1f}x (target >= 10x, bottleneck)"))
-            macs = gen.flops_per_pixel()
-            flops = 2 * pixels * (macs["prefix"] + args.samples * macs["suffix"])
-            rows.append((f"P2 {label}: sustained", f"{flops / cached / 1e9:.1f} GFLOP/s = "
-                                                   f"{100 * flops / cached / 1e9 / reference:.0f}% of reference "
-                                                   f"(target >= 60%)"))
-        if position == "bottleneck":
-            pass_flops = 2 * pixels * sum(gen.flops_per_pixel().values())
-            rows.append(("P2 naive full pass", f"{pass_flops / naive_pass / 1e9:.1f} GFLOP/s = "
-                                               f"{100 * pass_flops / naive_pass / 1e9 / reference:.0f}% of reference"))
+        macs = pair["fused"].flops_per_pixel()
+        flops = 2 * pixels * (macs["prefix"] + args.samples * macs["suffix"])
+        pass_flops = 2 * pixels * sum(macs.values())
+        target = " (target >= 10x)" if position == "bottleneck" else ""
+        for name in pair:
+            rows.append((f"P1 {position} {name}: naive T={args.samples}",
+                         f"{naive[name] * args.samples:.1f} s ({args.naive_passes} passes of {naive[name]:.2f} s, "
+                         f"extrapolated)"))
+            rows.append((f"P1 {position} {name}: cached T={args.samples}", f"{cached[name]:.1f} s ({how})"))
+            rows.append((f"P1 {position} {name}: speed-up", f"{naive[name] * args.samples / cached[name]:.1f}x "
+                                                            f"vs naive with the same ops{target}"))
+            rows.append((f"P2 {position} {name}: sustained",
+                         f"{flops / cached[name] / 1e9:.1f} GFLOP/s = {100 * flops / cached[name] / 1e9 / reference:.0f}%"
+                         f" of reference{' (target >= 60%)' if position == 'bottleneck' else ''}; naive pass "
+                         f"{100 * pass_flops / naive[name] / 1e9 / reference:.0f}%"))
+        rows.append((f"P1 {position}: fused vs plain", f"cached {cached['plain'] / cached['fused']:.2f}x faster, "
+                                                       f"naive {naive['plain'] / naive['fused']:.2f}x; fused cached "
+                                                       f"{naive['plain'] * args.samples / cached['fused']:.1f}x faster "
+                                                       f"than plain naive"))
+        if means:
+            rows.append((f"P1 {position}: max |mean fused - plain|",
+                         f"{np.abs(means['fused'] - means['plain']).max():.1e}"))
+        if position == "bottleneck" and args.jit:
+            predictor = MonteCarloPredictor(pair["fused"], samples=2, seed=1, jit_compile=True)
+            predict_time(predictor, x, args.samples)
+            jit = predict_time(predictor, x, args.samples)
+            rows.append((f"P1 bottleneck fused +jit: cached T={args.samples}",
+                         f"{jit:.1f} s ({cached['fused'] / jit:.2f}x the non-jit time's speed)"))
     return rows
 
 
 def stretch(args) -> list[tuple[str, str]]:
-    """A paper-size slice (1828 x 1828 at HR) in blend tiles at T=100, extrapolated from one tile batch."""
+    """A paper-size slice (1828 x 1828 at HR) at T=100: blend tiles vs the whole slice in one pass,
+    each extrapolated from short runs (fused ops)."""
     shape = (1828, 1828)
     tile, overlap, batch = 256, 0.25, args.tile_batch
     _, _, _, origins = tile_layout(shape, "blend", tile, overlap)
-    gen = generator("bottleneck", tile)
+    gen = generator_pair("bottleneck", tile)["fused"]
     tiles = np.random.default_rng(0).random((batch, tile, tile, 1)).astype(np.float32)
-    make = lambda t: MonteCarloPredictor(gen, samples=t, seed=1)  # noqa: E731
-    fixed, per_sample = linear_in_t(make, tiles, 2, args.stretch_samples)
+    fixed, per_sample = linear_in_t(MonteCarloPredictor(gen, samples=2, seed=1), tiles, 2, args.stretch_samples)
     per_batch = fixed + per_sample * args.samples
-    total = per_batch * len(origins) / batch
+    tiled = per_batch * len(origins) / batch
+    side = -(-shape[0] // 4) * 4
+    image = np.random.default_rng(0).random((1, side, side, 1)).astype(np.float32)
+    whole_predictor = MonteCarloPredictor(gen, samples=2, seed=1, chunk_size=1, memory_budget_mb=args.whole_budget_mb)
+    w_fixed, w_per_sample = linear_in_t(whole_predictor, image, 2, 4)
+    whole = w_fixed + w_per_sample * args.samples
     return [
         ("stretch: 1828x1828 blend tiles", f"{len(origins)} tiles of {tile} (overlap {overlap}, "
                                            f"{tile_redundancy(shape, 'blend', tile, overlap):.2f}x pixels)"),
-        ("stretch: one batch", f"{batch} tiles, T={args.samples}: {per_batch:.1f} s "
-                               f"(fit on T=2 and T={args.stretch_samples}, extrapolated)"),
-        ("stretch: whole slice T=100", f"{total:.0f} s = {total / 60:.1f} min, {total / 120:.1f}x the paper's 2 min "
-                                       f"(extrapolated from one batch)"),
+        ("stretch: one tile batch", f"{batch} tiles, T={args.samples}: {per_batch:.1f} s "
+                                    f"(fit on T=2 and T={args.stretch_samples}, extrapolated)"),
+        ("stretch: tiled slice T=100", f"{tiled:.0f} s = {tiled / 60:.1f} min, {tiled / 120:.1f}x the paper's 2 min"),
+        ("stretch: whole slice T=100", f"{whole:.0f} s = {whole / 60:.1f} min, {whole / 120:.1f}x the paper's 2 min "
+                                       f"(one {side}x{side} image, prefix {w_fixed:.0f} s + {w_per_sample:.2f} s "
+                                       f"per sample, fit on T=2 and T=4)"),
+        ("stretch: faster route", f"{'whole slice' if whole < tiled else 'blend tiles'} "
+                                  f"({max(tiled, whole) / min(tiled, whole):.2f}x)"),
     ]
 
 
@@ -136,6 +182,8 @@ def main() -> None:
     parser.add_argument("--stretch", action="store_true", help="also time a 1828x1828 slice (extrapolated)")
     parser.add_argument("--stretch-samples", type=int, default=6, help="T timed per tile batch in --stretch")
     parser.add_argument("--tile-batch", type=int, default=8, help="tiles per predictor call in --stretch")
+    parser.add_argument("--whole-budget-mb", type=float, default=8192,
+                        help="memory budget of the whole-slice run in --stretch")
     args = parser.parse_args()
     rows = [("machine", f"{cpu_model()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}")]
     rows += p1_p2(args)

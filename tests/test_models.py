@@ -14,7 +14,8 @@ from microsr_tf.errors import ConfigError, InputError
 from microsr_tf.models.artifact import load_generator, meta_path_for, save_generator
 from microsr_tf.models.discriminator import PatchDiscriminator
 from microsr_tf.models.generator import ResnetGenerator
-from microsr_tf.models.layers import MCDropout, ReflectionPadding2D, SubPixelResizeConv2D
+from microsr_tf.models.layers import (MCDropout, ReflectionPadding2D, SubPixelResizeConv2D, fused_instance_norm,
+                                     instance_norm, reflect_conv_one_channel)
 
 POSITIONS = ("bottleneck", "resblocks", "none")
 UPSAMPLES = ("transpose", "resize")
@@ -91,6 +92,28 @@ def test_subpixel_resize_equals_nearest_upsampling_then_conv(rng):
     np.testing.assert_allclose(layer(x), reference(x), atol=1e-5)
 
 
+def test_fused_instance_norm_equals_the_keras_layer_with_and_without_relu(rng):
+    x = tf.constant((3.0 + rng.normal(size=(3, 9, 7, 5))).astype("float32"))
+    norm = instance_norm()
+    norm.build(x.shape)
+    norm.gamma.assign(rng.normal(size=5).astype("float32"))
+    norm.beta.assign(rng.normal(size=5).astype("float32"))
+    reference = norm(x).numpy()
+    np.testing.assert_allclose(fused_instance_norm(x, norm), reference, atol=1e-5)
+    np.testing.assert_allclose(fused_instance_norm(x, norm, relu=True), np.maximum(reference, 0), atol=1e-5)
+
+
+def test_reflect_conv_one_channel_equals_padding_then_conv(rng):
+    x = tf.constant(rng.normal(size=(2, 12, 10, 6)).astype("float32"))
+    conv = keras.layers.Conv2D(1, 7)
+    conv.build((None, 18, 16, 6))
+    conv.bias.assign([0.3])
+    expected = conv(ReflectionPadding2D(3)(x)).numpy()
+    y = reflect_conv_one_channel(x, conv).numpy()
+    assert y.shape == (2, 12, 10, 1)
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+
+
 # ----- generator --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("upsample", UPSAMPLES)
@@ -145,6 +168,41 @@ def test_prefix_then_suffix_equals_call_and_tiles_into_samples(rng, position, up
         np.testing.assert_allclose(samples[t], gen(x, seed=rows[t:t + 1])[0], atol=ACROSS_BATCH_ATOL)
     spread = samples.std(axis=0).max()
     assert (spread == 0) if position == "none" else (spread > 1e-4)
+
+
+def plain_twin(gen: ResnetGenerator, x: tf.Tensor) -> ResnetGenerator:
+    """A copy of a built ``gen`` with the same weights that calls every Keras layer as is."""
+    twin = ResnetGenerator.from_config(gen.get_config())
+    twin.fused_ops = False
+    twin(x)
+    twin.set_weights(gen.get_weights())
+    return twin
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("upsample", UPSAMPLES)
+def test_fused_forward_equals_plain_layers_in_outputs_and_gradients(rng, position, upsample):
+    gen = tiny(position, upsample)
+    x = image(rng, 2, 32, 40)
+    rows = seeds([1, 2], [3, 4])
+    gen(x, seed=rows)
+    for v in gen.trainable_variables:  # move gamma/beta and biases off their initial values
+        v.assign(v + 0.1 * tf.random.stateless_normal(v.shape, [7, len(v.path)]))
+    twin = plain_twin(gen, x)
+    results = []
+    for model in (gen, twin):
+        with tf.GradientTape() as tape:
+            y = model(x, seed=rows)
+            loss = tf.reduce_mean(tf.square(y - x))
+        results.append((y.numpy(), tape.gradient(loss, model.trainable_variables)))
+    (y_fused, g_fused), (y_plain, g_plain) = results
+    np.testing.assert_allclose(y_fused, y_plain, atol=1e-5)
+    scale = max(float(np.abs(g).max()) for g in g_plain)
+    assert len(g_fused) == len(g_plain)
+    for a, b in zip(g_fused, g_plain):
+        np.testing.assert_allclose(a, b, atol=1e-4 * scale)
+    np.testing.assert_allclose(gen.stochastic_suffix(gen.deterministic_prefix(x), rows),
+                               twin.stochastic_suffix(twin.deterministic_prefix(x), rows), atol=1e-5)
 
 
 def test_flops_split_moves_with_the_dropout_position():

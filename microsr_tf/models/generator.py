@@ -1,5 +1,11 @@
 """The CycleGAN ResNet generator with always-on Monte Carlo dropout, split into a deterministic
-prefix (run once per input) and a stochastic suffix (run once per MC sample)."""
+prefix (run once per input) and a stochastic suffix (run once per MC sample).
+
+The Keras layers hold the weights (and fix the ``.keras`` layout); the forward pass computes instance
+norm (+ ReLU) and the one-channel 7x7 head with the faster equivalent kernels of ``layers.py``, which
+matter most in the suffix that Monte Carlo sampling repeats. ``fused_ops = False`` calls every layer
+as is (the reference formulation).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ import tensorflow as tf
 
 from microsr_tf.config import DROPOUT_POSITIONS, UPSAMPLE_KINDS
 from microsr_tf.errors import ConfigError
-from microsr_tf.models.layers import MCDropout, ReflectionPadding2D, SubPixelResizeConv2D, instance_norm
+from microsr_tf.models.layers import (MCDropout, ReflectionPadding2D, SubPixelResizeConv2D, fused_instance_norm,
+                                     instance_norm, is_instance_norm, is_one_channel_conv, reflect_conv_one_channel)
 
 
 def _build_sequence(layers: Sequence[keras.layers.Layer], shape: tuple) -> tuple:
@@ -22,9 +29,23 @@ def _build_sequence(layers: Sequence[keras.layers.Layer], shape: tuple) -> tuple
     return shape
 
 
-def _apply(layers: Sequence[keras.layers.Layer], x: tf.Tensor) -> tf.Tensor:
-    for layer in layers:
-        x = layer(x)
+def _apply(layers: Sequence[keras.layers.Layer], x: tf.Tensor, fused: bool = True) -> tf.Tensor:
+    """Run ``layers`` in order; with ``fused``, instance norm (+ a following ReLU) and reflection
+    padding + one-channel conv run as single fused kernels with the same weights and outputs."""
+    i = 0
+    while i < len(layers):
+        layer, following = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+        if fused and is_instance_norm(layer, x.shape[-1]):
+            relu = (type(following) is keras.layers.ReLU and following.max_value is None
+                    and following.negative_slope == 0 and following.threshold == 0)
+            x = fused_instance_norm(x, layer, relu)
+            i += 2 if relu else 1
+        elif fused and isinstance(layer, ReflectionPadding2D) and is_one_channel_conv(following, layer.padding):
+            x = reflect_conv_one_channel(x, following)
+            i += 2
+        else:
+            x = layer(x)
+            i += 1
     return x
 
 
@@ -33,7 +54,10 @@ class ResnetBlock(keras.layers.Layer):
     """Residual block: reflect pad, 3x3 conv, IN, ReLU, [MC dropout], reflect pad, 3x3 conv, IN, + skip.
 
     ``first_half`` ends right before the dropout so the block can be cut there for MC sampling.
+    ``fused_ops`` as in :class:`ResnetGenerator`.
     """
+
+    fused_ops = True
 
     def __init__(self, filters: int, dropout_rate: float = 0.0, dropout_index: int = 0, **kwargs):
         super().__init__(**kwargs)
@@ -48,12 +72,12 @@ class ResnetBlock(keras.layers.Layer):
         _build_sequence(self.tail, _build_sequence(self.head, input_shape))
 
     def first_half(self, x: tf.Tensor) -> tf.Tensor:
-        return _apply(self.head, x)
+        return _apply(self.head, x, self.fused_ops)
 
     def second_half(self, x: tf.Tensor, h: tf.Tensor, seed: tf.Tensor | None = None) -> tf.Tensor:
         if self.dropout is not None:
             h = self.dropout(h, seed=seed)
-        return x + _apply(self.tail, h)
+        return x + _apply(self.tail, h, self.fused_ops)
 
     def call(self, x, seed=None):
         return self.second_half(x, self.first_half(x), seed)
@@ -75,6 +99,10 @@ class ResnetGenerator(keras.Model):
     and width must be multiples of 4. MC dropout (``rate``) sits after the trunk ("bottleneck", the
     paper's single dropout layer), inside every residual block ("resblocks", as CycleGAN's
     ``use_dropout``) or nowhere ("none"); it is on in every call.
+
+    ``fused_ops`` (default True) computes instance norm (+ ReLU) and the 7x7 head with fused kernels;
+    False calls each Keras layer (the reference formulation: same weights, outputs equal to ~1e-5).
+    Set it before the first traced call.
     """
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, upsample: str = "transpose",
@@ -109,6 +137,17 @@ class ResnetGenerator(keras.Model):
             self.decoder += [up, instance_norm(), keras.layers.ReLU()]
         self.decoder += [ReflectionPadding2D(3), keras.layers.Conv2D(1, 7),
                          keras.layers.Activation("sigmoid", dtype="float32")]
+        self.fused_ops = True
+
+    @property
+    def fused_ops(self) -> bool:
+        return self._fused_ops
+
+    @fused_ops.setter
+    def fused_ops(self, value: bool) -> None:
+        self._fused_ops = bool(value)
+        for block in self.blocks:
+            block.fused_ops = self._fused_ops
 
     @property
     def n_dropout_layers(self) -> int:
@@ -132,13 +171,13 @@ class ResnetGenerator(keras.Model):
         """
         x = tf.cast(x, tf.float32)
         self._ensure_built(x)
-        h = _apply(self.encoder, x)
+        h = _apply(self.encoder, x, self.fused_ops)
         if self._position == "resblocks":
             return h, self.blocks[0].first_half(h)
         for block in self.blocks:
             h = block(h)
         if self._position == "none":
-            return (_apply(self.decoder, h),)
+            return (_apply(self.decoder, h, self.fused_ops),)
         return (h,)
 
     def stochastic_suffix(self, features: Sequence[tf.Tensor], seed: tf.Tensor | None = None) -> tf.Tensor:
@@ -152,7 +191,7 @@ class ResnetGenerator(keras.Model):
                 h = block(h, seed=seed)
         else:
             h = self.bottleneck_dropout(features[0], seed=seed)
-        return _apply(self.decoder, h)
+        return _apply(self.decoder, h, self.fused_ops)
 
     def call(self, x, seed=None):
         return self.stochastic_suffix(self.deterministic_prefix(x), seed)

@@ -1,5 +1,7 @@
 """Small Keras layers the networks are built from: reflection padding, instance norm, MC dropout,
-and a resize-convolution computed at the low resolution (sub-pixel form).
+and a resize-convolution computed at the low resolution (sub-pixel form); plus fused, XLA-compiled
+equivalents of instance norm (+ ReLU) and of a reflection-padded one-channel convolution that the
+generator's forward pass runs with those layers' weights.
 
 Monte Carlo dropout masks come from a counter-based hash (the murmur3 finaliser) of
 ``(seed row, layer index, element position)``, so a sample is a pure function of its seed row and
@@ -88,6 +90,71 @@ class ReflectionPadding2D(keras.layers.Layer):
 def instance_norm(name: str | None = None) -> keras.layers.GroupNormalization:
     """Instance normalisation with learned scale and offset: one group per channel."""
     return keras.layers.GroupNormalization(groups=-1, epsilon=1e-5, name=name)
+
+
+def is_instance_norm(layer, channels: int) -> bool:
+    """Whether ``layer`` is a built :func:`instance_norm` (one group per channel, scale and offset)
+    over the last axis of ``channels``-channel inputs."""
+    return (isinstance(layer, keras.layers.GroupNormalization) and layer.built and layer.groups == channels
+            and layer.axis in (-1, 3) and layer.scale and layer.center)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _instance_norm_kernel(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float, relu: bool) -> tf.Tensor:
+    """Per-(example, channel) normalisation over height and width, scale, offset and optional ReLU,
+    compiled by XLA into two reduction passes and one elementwise pass."""
+    mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+    var = tf.reduce_mean(tf.square(x - mean), axis=[1, 2], keepdims=True)
+    scale = gamma * tf.math.rsqrt(var + epsilon)
+    y = x * scale + (beta - mean * scale)
+    return tf.nn.relu(y) if relu else y
+
+
+def fused_instance_norm(x: tf.Tensor, norm: keras.layers.GroupNormalization, relu: bool = False) -> tf.Tensor:
+    """``norm(x)`` (then ReLU when ``relu``) for an :func:`instance_norm` layer, computed in one compiled
+    kernel with the layer's weights; ~3x faster than the Keras layer (which reduces over a 5-D grouped
+    view and runs each step as a separate pass) and equal to float rounding."""
+    y = _instance_norm_kernel(tf.cast(x, tf.float32), tf.convert_to_tensor(norm.gamma),
+                              tf.convert_to_tensor(norm.beta), float(norm.epsilon), bool(relu))
+    return tf.cast(y, x.dtype)
+
+
+def is_one_channel_conv(layer, padding: int) -> bool:
+    """Whether ``layer`` is a built stride-1 "valid" ``Conv2D`` into one channel with a square
+    ``2 * padding + 1`` kernel and no activation, i.e. a "same" head after reflection padding."""
+    return (isinstance(layer, keras.layers.Conv2D) and layer.built and layer.filters == 1 and layer.use_bias
+            and tuple(layer.kernel_size) == (2 * padding + 1,) * 2 and tuple(layer.strides) == (1, 1)
+            and tuple(layer.dilation_rate) == (1, 1) and layer.padding == "valid" and layer.groups == 1
+            and layer.data_format == "channels_last" and layer.activation is keras.activations.linear)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _reflect_conv_one_channel_kernel(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+    """Reflection padding then a ``k x k`` valid convolution into one channel, as one ``C -> k*k`` matrix
+    product (channel-first, so each tap is a contiguous plane) and ``k*k`` shifted plane sums.
+
+    Padding commutes with the pointwise product, so the planes are padded instead of the ``C``-channel
+    input; summing columns then rows keeps the adds to ``k*k + k`` planes.
+    """
+    k = kernel.shape[0]
+    p = k // 2
+    shape = tf.shape(x)
+    b, h, w, c = shape[0], shape[1], shape[2], shape[3]
+    taps = tf.matmul(tf.reshape(kernel, [k * k, c]), tf.reshape(x, [-1, c]), transpose_b=True)
+    taps = tf.pad(tf.reshape(taps, [k, k, b, h, w]), [[0, 0], [0, 0], [0, 0], [p, p], [p, p]], mode="REFLECT")
+    rows = tf.add_n([taps[:, j, :, :, j:j + w] for j in range(k)])  # [k, B, H + 2p, W]
+    y = tf.add_n([rows[i, :, i:i + h, :] for i in range(k)])
+    return (y + bias[0])[..., None]
+
+
+def reflect_conv_one_channel(x: tf.Tensor, conv: keras.layers.Conv2D) -> tf.Tensor:
+    """``conv(ReflectionPadding2D(k // 2)(x))`` for a one-channel ``k x k`` conv (see
+    :func:`is_one_channel_conv`), with the conv's weights. A convolution into a single channel keeps
+    the vector units of a standard kernel mostly idle (~3 GFLOP/s here); this form runs the work as a
+    matrix product and is ~4x faster, equal to float rounding."""
+    y = _reflect_conv_one_channel_kernel(tf.cast(x, tf.float32), tf.convert_to_tensor(conv.kernel),
+                                         tf.convert_to_tensor(conv.bias))
+    return tf.cast(y, conv.compute_dtype)
 
 
 @keras.saving.register_keras_serializable(package="microsr_tf")

@@ -1,0 +1,234 @@
+"""The CycleGAN of the paper (section 2): generators G_L (LR -> HR) and G_H (HR -> LR), PatchGAN
+critics D_L (judges LR-domain images) and D_H (judges HR-domain images), one fused training step.
+
+The step runs every generator and critic forward pass once and derives both updates from it: the
+critics are trained on the same fakes (and, without an image pool, the same critic logits) the
+generators were scored on. This matches the alternating CycleGAN update exactly, because the
+generator update does not touch the critics and the critics are trained on fakes made before the
+generator update.
+
+Losses are reduced per example and then scaled with ``tf.nn.compute_average_loss`` over the
+*global* batch; Keras optimizers sum gradients over replicas, so a step under a distribution
+strategy makes the same update as one device on the whole batch.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from microsr_tf.config import ModelConfig, TrainConfig
+from microsr_tf.models.discriminator import PatchDiscriminator
+from microsr_tf.models.generator import ResnetGenerator
+
+LOSS_NAMES = ("g_loss", "d_loss", "cycle_loss", "adv_loss", "d_l_loss", "d_h_loss", "identity_loss")
+STEP_PREFIX = "step/"  # train_step also returns this step's losses under "step/<name>"
+
+
+@keras.saving.register_keras_serializable(package="microsr_tf")
+class LinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Constant ``initial`` until step ``decay_start``, then linear to 0 at ``total_steps``.
+
+    A function of the optimizer's step counter only, so restoring the optimizer restores the rate.
+    """
+
+    def __init__(self, initial: float, decay_start: int, total_steps: int):
+        self.initial = float(initial)
+        self.decay_start = int(decay_start)
+        self.total_steps = int(total_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        span = float(max(self.total_steps - self.decay_start, 1))
+        fraction = tf.clip_by_value((step - self.decay_start) / span, 0.0, 1.0)
+        return self.initial * (1.0 - fraction)
+
+    def get_config(self):
+        return {"initial": self.initial, "decay_start": self.decay_start, "total_steps": self.total_steps}
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, name: str) -> keras.optimizers.Adam:
+    """Adam(lr, beta_1) as the paper, with CycleGAN's linear decay when ``decay_start_epoch`` is set."""
+    rate = cfg.learning_rate
+    if cfg.decay_start_epoch is not None:
+        rate = LinearDecay(rate, cfg.decay_start_epoch * steps_per_epoch, cfg.epochs * steps_per_epoch)
+    return keras.optimizers.Adam(learning_rate=rate, beta_1=cfg.beta_1, name=name)
+
+
+class ImagePool(tf.Module):
+    """History of generated images for a critic (CycleGAN's pool; Shrivastava et al. 2017).
+
+    While filling, fakes go in and come back unchanged; once full, each fake is, with probability
+    1/2, swapped for a random stored one (which it replaces), else passed through. The buffer lives
+    in ON_READ variables: under a distribution strategy every replica keeps and updates its own
+    history inside the compiled step, with no cross-replica traffic. Checkpoints keep the first
+    replica's history.
+    """
+
+    def __init__(self, size: int, image_shape: tuple[int, int, int], name: str | None = None):
+        super().__init__(name=name)
+        self.size = int(size)
+        local = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # One spare slot at index `size` absorbs the writes of fakes that are not kept, so every
+        # shape stays static (XLA-compatible).
+        self.images = tf.Variable(tf.zeros((self.size + 1, *image_shape)), name="images", **local)
+        self.count = tf.Variable(0, dtype=tf.int32, name="count", **local)
+
+    def query(self, fakes: tf.Tensor) -> tf.Tensor:
+        """Images to show the critic in place of ``fakes`` (same shape); updates the pool."""
+        batch = tf.shape(fakes)[0]
+        filled = tf.identity(self.count)
+        buffer = tf.identity(self.images)
+        position = filled + tf.range(batch)
+        filling = position < self.size
+        # swap only once the pool was full before this batch, so a swap never reads an empty slot
+        swap = tf.logical_and(filled >= self.size, tf.random.uniform([batch]) < 0.5)
+        pick = tf.random.uniform([batch], 0, self.size, dtype=tf.int32)
+        out = tf.where(swap[:, None, None, None], tf.gather(buffer, pick), fakes)
+        target = tf.where(filling, position, tf.where(swap, pick, self.size))
+        self.images.assign(tf.tensor_scatter_nd_update(buffer, target[:, None], fakes))
+        self.count.assign(tf.minimum(filled + batch, self.size))
+        return out
+
+
+def _per_example_mean(t: tf.Tensor) -> tf.Tensor:
+    """Mean over all axes but the batch: one value per example."""
+    return tf.reduce_mean(tf.reshape(t, [tf.shape(t)[0], -1]), axis=1)
+
+
+class CycleGAN(keras.Model):
+    """G_L, G_H, D_L, D_H and their fused training step; ``call(x)`` translates LR to HR with G_L.
+
+    Objective (paper eq. 1-3): ``lambda_rec * L_rec + lambda_adv * L_adv`` with the standard cycle
+    loss ``L_rec = |x - G_H(G_L(x))|_1 + |y - G_L(G_H(y))|_1``. Eq. 1 as printed multiplies the
+    second term by ``D_L(G_H(y))``; that factor reads as a typo (it would let the generator lower the
+    cycle loss by fooling a critic) and is left out. Generators minimise the non-saturating log loss
+    ``-log D_H(G_L(x)) - log D_L(G_H(y))`` (or least squares with ``gan_loss="lsgan"``); each critic
+    minimises half its real/fake loss, as CycleGAN, which slows critics relative to generators.
+    Optional identity loss ``lambda_rec * lambda_identity * (|G_L(y) - y| + |G_H(x) - x|)``.
+    """
+
+    def __init__(self, g_l: keras.Model, g_h: keras.Model, d_l: keras.Model, d_h: keras.Model,
+                 train_cfg: TrainConfig, patch_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.g_l, self.g_h, self.d_l, self.d_h = g_l, g_h, d_l, d_h
+        self.lambda_rec = float(train_cfg.lambda_rec)
+        self.lambda_adv = float(train_cfg.lambda_adv)
+        self.lambda_identity = float(train_cfg.lambda_identity)
+        self.gan_loss = train_cfg.gan_loss
+        self.patch_size = int(patch_size)
+        shape = (self.patch_size, self.patch_size, 1)
+        pools = train_cfg.pool_size > 0
+        self.pool_l = ImagePool(train_cfg.pool_size, shape, name="pool_l") if pools else None
+        self.pool_h = ImagePool(train_cfg.pool_size, shape, name="pool_h") if pools else None
+        names = [n for n in LOSS_NAMES if n != "identity_loss" or self.lambda_identity > 0]
+        self.trackers = {n: keras.metrics.Mean(name=n) for n in names}
+        dummy = tf.zeros((1, *shape))
+        for net in (g_l, g_h, d_l, d_h):
+            net(dummy)
+        self.built = True
+        self.d_optimizer: keras.optimizers.Optimizer | None = None
+
+    @property
+    def generator_variables(self) -> list:
+        return self.g_l.trainable_variables + self.g_h.trainable_variables
+
+    @property
+    def critic_variables(self) -> list:
+        return self.d_l.trainable_variables + self.d_h.trainable_variables
+
+    @property
+    def metrics(self) -> list:
+        """The loss trackers; Keras resets them at the start of every epoch."""
+        return list(self.trackers.values())
+
+    def call(self, x):
+        return self.g_l(x)
+
+    def compile(self, g_optimizer: keras.optimizers.Optimizer, d_optimizer: keras.optimizers.Optimizer,
+                **kwargs) -> None:
+        """Attach and build both optimizers; call inside the strategy scope the model was built in.
+
+        Optimizers are built eagerly over their own variables: a lazily built optimizer would create
+        its slots inside the replicated step, which distribution strategies refuse.
+        """
+        super().compile(optimizer=g_optimizer, **kwargs)
+        g_optimizer.build(self.generator_variables)
+        d_optimizer.build(self.critic_variables)
+        self.d_optimizer = d_optimizer
+
+    def _adversarial(self, logits: tf.Tensor, real: bool) -> tf.Tensor:
+        """Per-example GAN loss of critic logits against the all-real or all-fake label."""
+        target = tf.ones_like(logits) if real else tf.zeros_like(logits)
+        if self.gan_loss == "lsgan":
+            return _per_example_mean(tf.square(logits - target))
+        return _per_example_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=logits))
+
+    def step(self, lr: tf.Tensor, hr: tf.Tensor) -> dict[str, tf.Tensor]:
+        """One optimisation step on this replica's batch; returns per-example loss vectors.
+
+        Works in any replica context (``fit``, ``strategy.run`` in a custom loop, or no strategy).
+        """
+        x, y = tf.convert_to_tensor(lr, tf.float32), tf.convert_to_tensor(hr, tf.float32)
+        ctx = tf.distribute.get_replica_context()
+        replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+        global_batch = tf.shape(x)[0] * replicas
+
+        # One persistent tape, two gradient calls (generators, critics). Without a pool the critics'
+        # logits on the fakes serve both losses; the critic gradient never reaches the generators.
+        with tf.GradientTape(persistent=True) as tape:
+            fake_hr = self.g_l(x)
+            fake_lr = self.g_h(y)
+            cycle = (_per_example_mean(tf.abs(x - self.g_h(fake_hr)))
+                     + _per_example_mean(tf.abs(y - self.g_l(fake_lr))))
+            judged_hr, judged_lr = self.d_h(fake_hr), self.d_l(fake_lr)
+            adv = self._adversarial(judged_hr, True) + self._adversarial(judged_lr, True)
+            g_total = self.lambda_adv * adv + self.lambda_rec * cycle
+            losses = {"cycle_loss": cycle, "adv_loss": adv}
+            if self.lambda_identity > 0:
+                identity = (_per_example_mean(tf.abs(self.g_l(y) - y))
+                            + _per_example_mean(tf.abs(self.g_h(x) - x)))
+                g_total += self.lambda_rec * self.lambda_identity * identity
+                losses["identity_loss"] = identity
+            g_scaled = tf.nn.compute_average_loss(g_total, global_batch_size=global_batch)
+
+            if self.pool_h is not None:
+                judged_hr = self.d_h(self.pool_h.query(tf.stop_gradient(fake_hr)))
+                judged_lr = self.d_l(self.pool_l.query(tf.stop_gradient(fake_lr)))
+            d_h = 0.5 * (self._adversarial(self.d_h(y), True) + self._adversarial(judged_hr, False))
+            d_l = 0.5 * (self._adversarial(self.d_l(x), True) + self._adversarial(judged_lr, False))
+            d_total = d_h + d_l
+            d_scaled = tf.nn.compute_average_loss(d_total, global_batch_size=global_batch)
+
+        g_vars, d_vars = self.generator_variables, self.critic_variables
+        g_grads, d_grads = tape.gradient(g_scaled, g_vars), tape.gradient(d_scaled, d_vars)
+        del tape
+        self.optimizer.apply_gradients(zip(g_grads, g_vars))
+        self.d_optimizer.apply_gradients(zip(d_grads, d_vars))
+        return {"g_loss": g_total, "d_loss": d_total, "d_l_loss": d_l, "d_h_loss": d_h, **losses}
+
+    def train_step(self, data):
+        """Keras ``fit`` step: :meth:`step`, then epoch means (trackers) and this step's means."""
+        lr, hr = data
+        losses = self.step(lr, hr)
+        logs = {}
+        for name, tracker in self.trackers.items():
+            tracker.update_state(losses[name])
+            logs[name] = tracker.result()
+            logs[STEP_PREFIX + name] = tf.reduce_mean(losses[name])
+        return logs
+
+
+def build_cyclegan(model_cfg: ModelConfig, train_cfg: TrainConfig, patch_size: int) -> CycleGAN:
+    """Networks from ``model_cfg``; call inside the strategy scope (and then ``compile``)."""
+
+    def generator(name: str) -> keras.Model:
+        return ResnetGenerator(model_cfg.ngf, model_cfg.n_blocks, model_cfg.upsample,
+                               model_cfg.dropout_rate, model_cfg.dropout_position, name=name)
+
+    def critic(name: str) -> keras.Model:
+        return PatchDiscriminator(model_cfg.ndf, model_cfg.n_layers_d, name=name)
+
+    return CycleGAN(generator("g_l"), generator("g_h"), critic("d_l"), critic("d_h"), train_cfg, patch_size,
+                    name="cyclegan")

@@ -1,0 +1,205 @@
+"""Train the CycleGAN into a run directory: the library side of ``microsr-tf train``.
+
+Layout of ``RUN_DIR``::
+
+    config.yaml            the resolved configuration of the run
+    logs/                  TensorBoard: step and epoch losses, learning rate, image panels
+    checkpoints/           full training state (weights, both optimizers, step counter, best loss)
+    generator.keras        G_L at the end of training (+ generator.meta.json)
+    generator_best.keras   G_L after the epoch with the lowest mean cycle loss (+ .meta.json)
+
+Everything that can be checked is checked before ``RUN_DIR`` is created, and a run that fails
+before its first checkpoint removes the directory it created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+import yaml
+
+from microsr_tf.config import Config
+from microsr_tf.errors import ConfigError, InputError, MicrosrError
+from microsr_tf.models.artifact import save_generator
+from microsr_tf.models.cyclegan import CycleGAN, build_cyclegan, make_optimizer
+from microsr_tf.pipeline import TrainingData, make_training_data
+from microsr_tf.training.callbacks import CheckpointSaver, ProgressBar, TensorBoardLogger, summary_writer
+from microsr_tf.training.multiworker import custom_loop
+from microsr_tf.training.strategy import WorkerDir, check_batch_size, is_chief, is_multiworker, make_strategy
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+LOG_DIR = "logs"
+GENERATOR_FILE = "generator.keras"
+BEST_GENERATOR_FILE = "generator_best.keras"
+KEEP_CHECKPOINTS = 3
+
+
+class TrainingDiverged(MicrosrError):
+    """A loss became NaN or infinite; the run stopped at its last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    generator_path: Path
+    best_generator_path: Path | None
+    steps: int  # global step reached (optimizer iterations)
+    epochs: int
+    history: list[dict[str, float]]  # epoch means of this invocation: {"epoch", "step", "<loss>": ...}
+    best_cycle_loss: float
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
+    """Prefix of the newest checkpoint in ``run_dir``, or None."""
+    return tf.train.latest_checkpoint(os.path.join(os.fspath(run_dir), CHECKPOINT_DIR))
+
+
+def generator_meta(cfg: Config, data: TrainingData) -> dict:
+    """Metadata stored beside the generator; the prediction stage reads exactly these keys."""
+    return {
+        "format": 1,
+        "hr_spacing": [float(s) for s in data.hr_spacing],
+        "lr_spacing": [float(s) for s in data.lr_spacing],
+        "factors": [float(f) for f in data.factors],
+        "hr_stats": data.hr_stats.to_dict(),
+        "model": dataclasses.asdict(cfg.model),
+        "patch_size": cfg.data.patch_size,
+        "axis": cfg.data.axis,
+    }
+
+
+def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
+    """A fresh run needs an absent or empty directory; a resumed one a checkpoint of the same model."""
+    if not resume:
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise InputError(run_dir, "is not empty; pass --resume to continue its run or choose a new directory")
+        return
+    if not run_dir.is_dir() or latest_checkpoint(run_dir) is None:
+        raise InputError(run_dir, "has no checkpoint to resume from")
+    saved_path = run_dir / CONFIG_FILE
+    try:
+        with open(saved_path, encoding="utf-8") as fh:
+            saved = Config.from_dict(yaml.safe_load(fh) or {}, source=str(saved_path))
+    except FileNotFoundError:
+        raise InputError(saved_path, "missing; cannot check the resumed run's settings") from None
+    for section, key in [("model", f.name) for f in dataclasses.fields(cfg.model)] + [("data", "patch_size")]:
+        old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
+        if old != new:
+            raise ConfigError(f"{saved_path}: {section}.{key} was {old!r} in the checkpointed run, "
+                              f"cannot resume with {new!r}")
+
+
+def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
+    """Restore every object of this run from ``path``; a checkpoint of another setup is an error."""
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except AssertionError as exc:
+        raise ConfigError(f"{path}: does not match this run's model ({str(exc).splitlines()[0]})") from None
+
+
+def _fit(model: CycleGAN, dataset: tf.data.Dataset, epochs: int, steps_per_epoch: int, callbacks: list) -> None:
+    """``fit`` from the model's current step; a resumed run first finishes its interrupted epoch."""
+    done = int(model.optimizer.iterations.numpy())
+    epoch, offset = divmod(done, steps_per_epoch)
+    if offset and epoch < epochs:
+        model.fit(dataset, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - offset,
+                  callbacks=callbacks, shuffle=False, verbose=0)
+        epoch += 1
+        if model.stop_training:
+            return
+    if epoch < epochs:
+        model.fit(dataset, epochs=epochs, initial_epoch=epoch, steps_per_epoch=steps_per_epoch,
+                  callbacks=callbacks, shuffle=False, verbose=0)
+
+
+def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLike | None,
+          run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train G_L/G_H/D_L/D_H on unpaired LR and HR folders into ``run_dir`` (see the module doc).
+
+    With ``resume`` the run continues from the newest checkpoint in ``run_dir`` with the same step
+    counter, optimizer states and learning-rate schedule. Raises :class:`InputError` /
+    :class:`ConfigError` for user mistakes and :class:`TrainingDiverged` on a NaN/Inf loss.
+    """
+    cfg = cfg.validate()
+    tc = cfg.train
+    run_dir = Path(run_dir)
+    strategy = make_strategy(tc.strategy)
+    check_batch_size(tc.batch_size, strategy)
+    _check_run_dir(cfg, run_dir, resume)
+    data = make_training_data(lr_dir, hr_dir, cfg.data, n_val=tc.n_val_patches)
+    steps_per_epoch = tc.steps_per_epoch or data.steps_per_epoch(tc.batch_size)
+    keras.utils.set_random_seed(tc.seed)
+
+    chief = is_chief(strategy)
+    created = chief and not run_dir.exists()
+    out = WorkerDir(run_dir, chief)
+    out_dir = Path(out.path)
+    manager = None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / CONFIG_FILE)
+        with strategy.scope():
+            model = build_cyclegan(cfg.model, tc, cfg.data.patch_size)
+            # No whole-step XLA (Keras' "auto" would turn it on for one GPU): it measured no faster on
+            # CPU and blew up compile time and memory around the generator's own XLA-fused kernels.
+            model.compile(make_optimizer(tc, steps_per_epoch, "g_adam"),
+                          make_optimizer(tc, steps_per_epoch, "d_adam"), jit_compile=False)
+            best_cycle = tf.Variable(math.inf, trainable=False, name="best_cycle_loss")
+        pools = {k: p for k, p in (("pool_l", model.pool_l), ("pool_h", model.pool_h)) if p is not None}
+        checkpoint = tf.train.Checkpoint(g_l=model.g_l, g_h=model.g_h, d_l=model.d_l, d_h=model.d_h,
+                                         g_optimizer=model.optimizer, d_optimizer=model.d_optimizer,
+                                         best_cycle_loss=best_cycle, **pools)
+        manager = tf.train.CheckpointManager(checkpoint, str(out_dir / CHECKPOINT_DIR), KEEP_CHECKPOINTS)
+        if resume:
+            _restore(checkpoint, latest_checkpoint(run_dir))
+
+        meta = generator_meta(cfg, data)
+        best_path = run_dir / BEST_GENERATOR_FILE
+        saver = CheckpointSaver(manager, tc.checkpoint_every, best_cycle,
+                                on_best=(lambda: save_generator(model.g_l, best_path, meta)) if chief else None)
+        callbacks: list[keras.callbacks.Callback] = [saver]
+        writer = None
+        if chief:
+            writer = summary_writer(out_dir / LOG_DIR)
+            callbacks.append(TensorBoardLogger(writer, tc.log_every, tc.image_every, data.val_lr, data.val_hr,
+                                               tc.mc_samples_val))
+            if progress:
+                callbacks.append(ProgressBar(tc.epochs))
+
+        if is_multiworker(strategy):
+            custom_loop(model, strategy, lambda ctx: data.dataset(tc.batch_size, ctx), tc.epochs,
+                        steps_per_epoch, callbacks)
+        else:
+            _fit(model, data.dataset(tc.batch_size), tc.epochs, steps_per_epoch, callbacks)
+        if writer is not None:
+            writer.close()
+
+        steps = int(model.optimizer.iterations.numpy())
+        if saver.diverged is not None:
+            step, name = saver.diverged
+            last = latest_checkpoint(out_dir)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+            raise TrainingDiverged(f"{run_dir}: training diverged: {name} became NaN/Inf at step {step}; {kept}")
+        generator_path = run_dir / GENERATOR_FILE
+        if chief:
+            save_generator(model.g_l, generator_path, meta)
+        return TrainResult(run_dir=run_dir, generator_path=generator_path,
+                           best_generator_path=best_path if best_path.exists() else None, steps=steps,
+                           epochs=steps // steps_per_epoch, history=saver.history,
+                           best_cycle_loss=float(best_cycle.numpy()))
+    except BaseException:
+        if created and (manager is None or manager.latest_checkpoint is None):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        out.cleanup()

@@ -1,0 +1,117 @@
+"""CycleGAN step: finite outputs and losses, distributed loss scaling, image pool, lr schedule."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from microsr_tf.config import ModelConfig, TrainConfig
+from microsr_tf.errors import ConfigError
+from microsr_tf.models.cyclegan import STEP_PREFIX, ImagePool, LinearDecay, build_cyclegan, make_optimizer
+from microsr_tf.training.strategy import check_batch_size
+
+P = 32
+TINY = ModelConfig(ngf=4, n_blocks=1, ndf=4, n_layers_d=2)
+
+
+def _data(rng, n=8):
+    return rng.random((n, P, P, 1), dtype=np.float32), rng.random((n, P, P, 1), dtype=np.float32)
+
+
+def _two_cpus() -> list[str]:
+    cpus = tf.config.list_logical_devices("CPU")
+    if len(cpus) < 2:
+        pytest.skip("needs the two logical CPU devices set up in conftest.py")
+    return [d.name for d in cpus[:2]]
+
+
+def test_fit_tiny_outputs_and_losses_finite(rng):
+    tc = TrainConfig(batch_size=2, gan_loss="lsgan", pool_size=3, lambda_identity=0.5)
+    keras.utils.set_random_seed(0)
+    model = build_cyclegan(TINY, tc, P)
+    model.compile(make_optimizer(tc, 3, "g"), make_optimizer(tc, 3, "d"))
+    x, y = _data(rng)
+    out = model.g_l(x)
+    assert out.shape == x.shape and np.all(np.isfinite(out)) and 0.0 <= float(tf.reduce_min(out))
+    assert float(tf.reduce_max(out)) <= 1.0
+    before = [w.numpy().copy() for w in model.g_l.trainable_weights]
+    history = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(2), epochs=2,
+                        steps_per_epoch=3, shuffle=False, verbose=0).history
+    for name in ("g_loss", "d_loss", "cycle_loss", "adv_loss", "identity_loss", STEP_PREFIX + "g_loss"):
+        assert len(history[name]) == 2 and all(math.isfinite(v) for v in history[name]), name
+    assert int(model.optimizer.iterations) == 6 and int(model.d_optimizer.iterations) == 6
+    assert any(not np.allclose(a, b.numpy()) for a, b in zip(before, model.g_l.trainable_weights))
+    assert np.all(np.isfinite(model.g_l(x)))
+    assert int(model.pool_h.count.numpy()) == 3
+
+
+def _one_sgd_step(strategy, weights, x, y):
+    tc = TrainConfig(batch_size=len(x), pool_size=4)  # a filling pool passes fakes through: deterministic
+    cfg = ModelConfig(ngf=4, n_blocks=1, ndf=4, n_layers_d=2, dropout_position="none")
+    with strategy.scope():
+        model = build_cyclegan(cfg, tc, P)
+        model.set_weights(weights)
+        model.compile(keras.optimizers.SGD(0.5), keras.optimizers.SGD(0.5))
+    logs = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x)), epochs=1, steps_per_epoch=1,
+                     shuffle=False, verbose=0).history
+    pool_counts = [int(v.numpy()) for v in getattr(model.pool_l.count, "values", [model.pool_l.count])]
+    return model.get_weights(), logs, pool_counts
+
+
+def test_mirrored_two_replicas_match_one_device(rng):
+    devices = _two_cpus()
+    keras.utils.set_random_seed(3)
+    tc = TrainConfig(batch_size=4)
+    init = build_cyclegan(ModelConfig(ngf=4, n_blocks=1, ndf=4, n_layers_d=2, dropout_position="none"), tc, P)
+    assert len(init.get_weights()) > 20
+    weights = init.get_weights()
+    x, y = _data(rng, 4)
+    single, single_logs, single_pool = _one_sgd_step(tf.distribute.get_strategy(), weights, x, y)
+    mirrored, mirrored_logs, mirrored_pool = _one_sgd_step(tf.distribute.MirroredStrategy(devices), weights, x, y)
+    assert single_pool == [4] and mirrored_pool == [2, 2]  # each replica keeps its own history
+    assert max(np.abs(a - b).max() for a, b in zip(weights, single)) > 1e-4  # the step did move weights
+    for a, b in zip(single, mirrored):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    for name in ("g_loss", "d_loss", "cycle_loss"):
+        assert single_logs[name][0] == pytest.approx(mirrored_logs[name][0], abs=1e-6)
+
+
+def test_batch_not_divisible_by_replicas():
+    strategy = tf.distribute.MirroredStrategy(_two_cpus())
+    with pytest.raises(ConfigError, match="not divisible by the 2 replicas"):
+        check_batch_size(3, strategy)
+    check_batch_size(4, strategy)
+
+
+def test_image_pool_fills_then_mixes_history():
+    tf.random.set_seed(0)
+    pool = ImagePool(4, (2, 2, 1))
+    query = tf.function(pool.query)
+    first = np.full((3, 2, 2, 1), 1.0, np.float32)
+    np.testing.assert_array_equal(query(first), first)  # while filling, fakes pass through
+    seen = []
+    for value in range(2, 40):
+        batch = np.full((3, 2, 2, 1), float(value), np.float32)
+        out = query(batch).numpy()[:, 0, 0, 0]
+        assert all(v <= value for v in out)  # a fake or an older one from the history
+        seen.extend(out.tolist())
+        assert int(pool.count.numpy()) == 4
+    assert any(v < value for v, value in zip(seen, np.repeat(np.arange(2, 40), 3)))  # history was used
+    assert any(v == value for v, value in zip(seen, np.repeat(np.arange(2, 40), 3)))  # fresh fakes too
+
+
+def test_linear_decay_schedule_follows_step_counter():
+    tc = TrainConfig(epochs=4, decay_start_epoch=2, learning_rate=1e-3)
+    opt = make_optimizer(tc, steps_per_epoch=10, name="g")
+    schedule = opt._learning_rate
+    assert isinstance(schedule, LinearDecay)
+    assert float(schedule(0)) == pytest.approx(1e-3) and float(schedule(20)) == pytest.approx(1e-3)
+    assert float(schedule(30)) == pytest.approx(5e-4) and float(schedule(40)) == pytest.approx(0.0)
+    opt.build([keras.Variable(np.zeros(2, np.float32))])
+    opt.iterations.assign(35)
+    assert float(opt.learning_rate) == pytest.approx(2.5e-4)
+    assert LinearDecay.from_config(schedule.get_config()).get_config() == schedule.get_config()

@@ -1,0 +1,219 @@
+"""`microsr-tf train` and the trainer: a tiny run end to end, TensorBoard contents, resume after
+SIGKILL, NaN handling and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+from click.testing import CliRunner
+
+from microsr_tf.cli.main import cli
+from microsr_tf.config import Config
+from microsr_tf.phantoms import write_phantoms
+from microsr_tf.training.trainer import TrainingDiverged, latest_checkpoint, train
+
+TINY = {
+    "data": {"patch_size": 32, "stride": 16, "seed": 0},
+    "model": {"ngf": 4, "n_blocks": 1, "ndf": 4, "n_layers_d": 2},
+    "train": {"batch_size": 2, "epochs": 2, "steps_per_epoch": 2, "log_every": 1, "image_every": 2,
+              "checkpoint_every": 2, "n_val_patches": 2, "mc_samples_val": 3, "pool_size": 2,
+              "strategy": "mirrored"},  # two replicas with the logical CPUs of conftest.py
+}
+TINY_FLAGS = ["--patch-size", "32", "--stride", "16", "--ngf", "4", "--n-blocks", "1", "--ndf", "4",
+              "--batch-size", "2", "--strategy", "default", "--seed", "0"]
+
+
+def _phantom(n: int, spacing: float, seed: int) -> nib.Nifti1Image:
+    """A bright disk with a denser core and noise: enough foreground for the ROI and patch filter."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:n, :n] / n
+    r2 = (yy - 0.5) ** 2 + (xx - 0.5) ** 2
+    img = np.stack([1000.0 * (r2 < 0.12) + 300.0 * (r2 < 0.03) + rng.normal(0, 20, (n, n)) for _ in range(3)], -1)
+    return nib.Nifti1Image(img.astype(np.float32), np.diag([spacing, spacing, 0.5, 1.0]))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple[Path, Path]:
+    """Unpaired LR (0.4 mm, 16 px) and HR (0.1 mm, 64 px) folders, two volumes each."""
+    root = tmp_path_factory.mktemp("data")
+    lr, hr = root / "lr", root / "hr"
+    lr.mkdir()
+    hr.mkdir()
+    for i in range(2):
+        nib.save(_phantom(16, 0.4, i), lr / f"case{i}.nii.gz")
+        nib.save(_phantom(64, 0.1, 10 + i), hr / f"case{i}.nii.gz")
+    return lr, hr
+
+
+def _events(logdir: Path) -> list[tuple[int, str, object]]:
+    """(step, tag, value) of every summary in the event files under ``logdir``, oldest file first."""
+    out = []
+    for path in sorted(glob.glob(str(logdir / "events.out.tfevents.*")), key=os.path.getmtime):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                out.append((event.step, value.tag, tf.make_ndarray(value.tensor)))
+    return out
+
+
+def test_tiny_run_on_phantoms_outputs_history_and_tensorboard(tmp_path):
+    write_phantoms(tmp_path / "phantoms", subjects=1, seed=0, size="small")
+    run = tmp_path / "run"
+    result = train(Config.from_dict(TINY), tmp_path / "phantoms" / "lr", tmp_path / "phantoms" / "hr", run)
+
+    assert result.steps == 4 and result.epochs == 2
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    for h in result.history:
+        assert all(math.isfinite(h[k]) for k in ("g_loss", "d_loss", "cycle_loss", "adv_loss"))
+    assert result.best_cycle_loss == min(h["cycle_loss"] for h in result.history)
+    for name in ("config.yaml", "generator.keras", "generator.meta.json", "generator_best.keras"):
+        assert (run / name).is_file(), name
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["ngf"] == 4
+    meta = json.loads((run / "generator.meta.json").read_text())
+    assert {"format", "hr_spacing", "lr_spacing", "factors", "hr_stats", "model", "patch_size", "axis"} <= set(meta)
+    assert meta["factors"] == pytest.approx([8.0, 8.0]) and meta["patch_size"] == 32 and meta["model"]["ngf"] == 4
+    reader = tf.train.load_checkpoint(latest_checkpoint(run))
+    names = [n for n, _ in tf.train.list_variables(latest_checkpoint(run))]
+    iterations = [n for n in names if "iterations" in n]
+    assert len(iterations) == 2 and all(reader.get_tensor(n) == 4 for n in iterations)
+
+    events = _events(run / "logs")
+    tags = {tag for _, tag, _ in events}
+    assert {"step/g_loss", "step/d_loss", "step/cycle_loss", "learning_rate", "epoch/cycle_loss"} <= tags
+    assert sorted(s for s, tag, _ in events if tag == "step/g_loss") == [1, 2, 3, 4]
+    assert sorted(s for s, tag, _ in events if tag == "epoch/g_loss") == [2, 4]
+    lr_values = [float(v) for _, tag, v in events if tag == "learning_rate"]
+    assert lr_values == pytest.approx([1e-4] * 4)
+    panels = [(s, v) for s, tag, v in events if tag.startswith("validation/")]
+    assert [s for s, _ in panels] == [2, 4]
+    image = tf.io.decode_png(panels[0][1][2]).numpy()
+    assert image.shape == (2 * 32, 5 * 32, 1)  # two validation rows of five 32 px columns
+    assert image[:, :32].std() > 0  # the LR input column is not blank
+
+
+def test_nan_loss_stops_at_last_good_checkpoint(folders, tmp_path):
+    cfg = Config.from_dict(TINY).override(
+        {"train": {"learning_rate": 1e30, "checkpoint_every": 1, "epochs": 3, "strategy": "default"}})
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged) as info:
+        train(cfg, *folders, run)
+    message = str(info.value)
+    assert "\n" not in message and "NaN/Inf" in message and "last good checkpoint" in message
+    last = latest_checkpoint(run)
+    step = int(last.rsplit("-", 1)[1])
+    assert f"at step {step + 1}" in message  # the diverged step itself was not saved
+    assert not (run / "generator.keras").exists()
+
+
+def _train_cmd(run: Path, folders, *extra: str) -> list[str]:
+    lr, hr = folders
+    return [sys.executable, "-m", "microsr_tf.cli.main", "train", "--lr-dir", str(lr), "--hr-dir", str(hr),
+            "--out", str(run), *extra]
+
+
+def test_sigkill_then_resume_continues_from_checkpoint(folders, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = [*TINY_FLAGS, "--epochs", "4", "--steps-per-epoch", "10", "--checkpoint-every", "3",
+            "--log-every", "1", "--image-every", "7"]
+    proc = subprocess.Popen(_train_cmd(run, folders, *args), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while latest_checkpoint(run) is None:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = int(latest_checkpoint(run).rsplit("-", 1)[1])
+    assert 3 <= killed_at < 40 and not (run / "generator.keras").exists()
+    n_event_files = len(glob.glob(str(run / "logs" / "events.out.tfevents.*")))
+
+    done = subprocess.run(_train_cmd(run, folders, "--resume"), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"Epoch {killed_at // 10 + 1}/4" == done.stdout.split("\n", 1)[0].strip()
+    assert "Trained 40 steps (4 epochs)" in done.stdout
+    reader = tf.train.load_checkpoint(latest_checkpoint(run))
+    iterations = [n for n, _ in tf.train.list_variables(latest_checkpoint(run)) if "iterations" in n]
+    assert [int(reader.get_tensor(n)) for n in iterations] == [40, 40]
+    files = sorted(glob.glob(str(run / "logs" / "events.out.tfevents.*")), key=os.path.getmtime)
+    assert len(files) == n_event_files + 1
+    resumed_steps = [e.step for e in tf.compat.v1.train.summary_iterator(files[-1])
+                     for v in e.summary.value if v.tag == "step/g_loss"]
+    assert resumed_steps == list(range(killed_at + 1, 41))  # picks up right after the checkpoint
+    assert (run / "generator.keras").is_file()
+
+
+def _invoke(*args: str):
+    result = CliRunner().invoke(cli, ["train", *args])
+    lines = result.output.strip().splitlines()
+    return result.exit_code, lines
+
+
+@pytest.mark.parametrize("case", ["empty", "no_nifti", "lr_finer", "patch_too_big", "unknown_key",
+                                  "indivisible_batch"])
+def test_bad_input_is_one_line_and_leaves_no_run_dir(case, folders, tmp_path):
+    lr, hr = folders
+    run = tmp_path / "run"
+    extra: list[str] = []
+    if case == "empty":
+        lr = tmp_path / "empty"
+        lr.mkdir()
+    elif case == "no_nifti":
+        lr = tmp_path / "notes"
+        lr.mkdir()
+        (lr / "readme.txt").write_text("not a volume")
+    elif case == "lr_finer":
+        lr, hr = hr, lr
+    elif case == "patch_too_big":
+        extra = ["--patch-size", "128"]
+    elif case == "unknown_key":
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text("train:\n  epochs: 1\n  learnig_rate: 0.1\n")
+        extra = ["--config", str(cfg)]
+    elif case == "indivisible_batch":
+        if len(tf.config.list_logical_devices("CPU")) < 2:
+            pytest.skip("needs the two logical CPU devices set up in conftest.py")
+        extra = ["--strategy", "mirrored"]
+    args = ["--lr-dir", str(lr), "--hr-dir", str(hr), "--out", str(run), *TINY_FLAGS, *extra]
+    if case == "indivisible_batch":
+        args += ["--batch-size", "3"]
+    code, lines = _invoke(*args)
+    assert code != 0
+    assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+    expected = {"empty": str(lr), "no_nifti": str(lr), "lr_finer": "", "patch_too_big": "patch",
+                "unknown_key": "learnig_rate", "indivisible_batch": "not divisible"}[case]
+    assert expected in lines[0]
+    assert not run.exists()
+
+
+def test_run_dir_rules(folders, tmp_path):
+    lr, hr = folders
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    code, lines = _invoke("--lr-dir", str(lr), "--hr-dir", str(hr), "--out", str(busy), *TINY_FLAGS)
+    assert code != 0 and len(lines) == 1 and "not empty" in lines[0] and "--resume" in lines[0]
+    assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
+    code, lines = _invoke("--lr-dir", str(lr), "--hr-dir", str(hr), "--out", str(tmp_path / "new"), "--resume")
+    assert code != 0 and len(lines) == 1 and "no checkpoint to resume from" in lines[0]
+    assert not (tmp_path / "new").exists()

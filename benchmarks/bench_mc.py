@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -22,17 +21,10 @@ import tensorflow as tf  # noqa: E402
 from microsr_tf.inference.mc import MonteCarloPredictor, seed_rows  # noqa: E402
 from microsr_tf.inference.stitching import tile_layout, tile_redundancy  # noqa: E402
 from microsr_tf.models.generator import ResnetGenerator  # noqa: E402
+import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -185,7 +177,7 @@ def main() -> None:
     parser.add_argument("--whole-budget-mb", type=float, default=8192,
                         help="memory budget of the whole-slice run in --stretch")
     args = parser.parse_args()
-    rows = [("machine", f"{cpu_model()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}")]
+    rows = [("machine", machine.describe())]
     rows += p1_p2(args)
     if args.stretch:
         rows += stretch(args)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +20,11 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from microsr_tf.config import DataConfig  # noqa: E402
 from microsr_tf.phantoms import get_spec, write_phantoms  # noqa: E402
 from microsr_tf.pipeline import SHARD_DTYPES, make_training_data, prepare_shards  # noqa: E402
+import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 
 def time_batches(it, batch_size: int, n_batches: int) -> float:
@@ -37,16 +36,7 @@ def time_batches(it, batch_size: int, n_batches: int) -> float:
     return 2 * batch_size * n_batches / (time.perf_counter() - start)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+
 
 
 def folder_mib(paths) -> float:
@@ -92,8 +82,7 @@ def main() -> None:
                 runs.append(time_batches(it, args.batch_size, args.batches))
     medians = [float(np.median(runs)) for runs in rates]
 
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, "
-          f"numpy {np.__version__}, Python {platform.python_version()}")
+    print(f"machine: {machine.describe()}")
     spec = get_spec(args.size)
     print(f"data: {args.subjects} LR {spec.lr_shape} + {args.subjects} HR {spec.hr_shape} '{spec.name}' phantoms; "
           f"{nifti.n_lr_patches} LR / {nifti.n_hr_patches} HR patches of "

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
+import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -34,19 +34,7 @@ def vm_status(key: str) -> int:
     raise KeyError(key)
 
 
-def machine() -> str:
-    """CPU model, cores and library versions, for the table header."""
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
-    return (f"{model}, {os.cpu_count()} logical CPUs, {len(gpus)} GPU(s), Python {platform.python_version()}, "
-            f"TensorFlow {tf.__version__}, {platform.system()} {platform.release()}")
 
 
 def make_inputs(work: str, slice_counts: list[int], size: int, ngf: int, n_blocks: int) -> tuple[str, dict]:
@@ -120,7 +108,7 @@ def main() -> None:
             rows.append(row)
 
     mib = 2.0 ** 20
-    print(f"machine: {machine()}")
+    print(f"machine: {machine.describe()}")
     print(f"model: ResnetGenerator(ngf={args.ngf}, n_blocks={args.blocks}), T={args.samples}, "
           f"stitch={args.stitch}, LR {args.size}x{args.size} -> HR {args.size * FACTOR}x{args.size * FACTOR}")
     print(f"{'slices':>6} {'output shape':>16} {'peak RSS MiB':>13} {'after load MiB':>15} "

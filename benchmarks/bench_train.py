@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -30,6 +29,7 @@ from microsr_tf.config import ModelConfig, TrainConfig  # noqa: E402
 from microsr_tf.models.cyclegan import build_cyclegan, make_optimizer  # noqa: E402
 from microsr_tf.models.discriminator import PatchDiscriminator  # noqa: E402
 from microsr_tf.models.generator import ResnetGenerator  # noqa: E402
+import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 
 class KerasIoStyleStep:
@@ -102,15 +102,7 @@ def _time_fit_step(model, iterator, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+
 
 
 def main() -> None:
@@ -155,8 +147,7 @@ def main() -> None:
             rates[name].append(args.steps * args.batch / run(args.steps))
 
     base = statistics.median(rates[next(iter(rates))])
-    print(f"\nmachine: {_cpu_name()}, {os.cpu_count()} logical cores, load avg {os.getloadavg()[0]:.1f}; "
-          f"TensorFlow {tf.__version__}, Keras {keras.__version__}; devices: "
+    print(f"\nmachine: {machine.describe()}; Keras {keras.__version__}; devices: "
           f"{', '.join(d.name for d in tf.config.list_logical_devices())}")
     print(f"config: patch {args.patch}, batch {args.batch}, ngf {args.ngf}, n_blocks {args.n_blocks}, "
           f"ndf {args.ndf}, dropout {mc.dropout_rate} ({mc.dropout_position}); {args.rounds} rounds x "

@@ -13,7 +13,7 @@ import click
 
 # name -> (module inside microsr_tf.cli, one-line help shown by `microsr-tf --help`)
 COMMANDS = {
-    "demo": ("demo", "Run the whole pipeline on a bundled phantom and model: predict, preview, report."),
+    "demo": ("demo", "Run the whole job on a bundled phantom and model: predict, preview, score, report."),
     "phantom": ("phantom", "Write synthetic temporal-bone phantoms (unpaired LR/HR sets + a paired test subject)."),
     "prepare": ("prepare", "Extract training patches once into TFRecord shards for fast streaming."),
     "train": ("train", "Train the CycleGAN on unpaired LR and HR NIfTI folders."),
@@ -31,8 +31,10 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS or not _available(COMMANDS[name][0]):
             return None
-        with _native_logs_hidden():
-            import tensorflow  # noqa: F401  (its C++ start-up lines would drown the CLI's output)
+        with _native_logs_hidden():  # TF's C++ start-up and CUDA probing lines would drown the output
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
         module = importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
         return module.command
 

@@ -4,7 +4,9 @@ Run ``python benchmarks/bench_mc.py [--stretch] [--jit]``. Everything uses the p
 (ngf=64, nine residual blocks) with random weights (speed does not depend on them), once with the
 reference layer-by-layer forward ("plain", ``fused_ops=False``) and once with the fused kernels
 ("fused"), side by side in one run. Long runs are timed on fewer passes and extrapolated linearly in
-T; the table says where. Times exclude tracing (every predictor is warmed up first).
+T; the table says where. Times exclude tracing (every predictor is warmed up first). The bfloat16
+rows compare ``precision="float32"`` and ``"bfloat16"`` on the same weights, alternating runs so that
+other load on the machine hits both alike (best of ``--repeats``), and note the load average.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import tensorflow as tf  # noqa: E402
 
 from microsr_tf.inference.mc import MonteCarloPredictor, seed_rows  # noqa: E402
 from microsr_tf.inference.stitching import tile_layout, tile_redundancy  # noqa: E402
-from microsr_tf.models.generator import ResnetGenerator  # noqa: E402
+from microsr_tf.models.generator import PRECISIONS, ResnetGenerator  # noqa: E402
 import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 
@@ -57,10 +59,10 @@ def linear_in_t(predictor: MonteCarloPredictor, x: np.ndarray, t_small: int, t_l
     return small - per_sample * t_small, per_sample
 
 
-def conv_reference_gflops() -> float:
+def conv_reference_gflops(dtype: tf.DType = tf.float32) -> float:
     """What this machine's TensorFlow sustains on one large convolution (3x3, 256->256, 64x64, batch 8)."""
-    x = tf.random.uniform([8, 64, 64, 256])
-    k = tf.random.normal([3, 3, 256, 256])
+    x = tf.cast(tf.random.uniform([8, 64, 64, 256]), dtype)
+    k = tf.cast(tf.random.normal([3, 3, 256, 256]), dtype)
     conv = tf.function(lambda a: tf.nn.conv2d(a, k, 1, "SAME"))
     seconds = timed(lambda: conv(x).numpy(), repeat=3)
     return 2 * 9 * 256 * 256 * 64 * 64 * 8 / seconds / 1e9
@@ -134,6 +136,51 @@ def p1_p2(args) -> list[tuple[str, str]]:
     return rows
 
 
+def load() -> str:
+    return "load avg " + "/".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def precision_rows(args) -> list[tuple[str, str]]:
+    """Cached T at ``--size`` (bottleneck, fused ops) and the reference conv in float32 vs bfloat16,
+    interleaved, best of ``--repeats``."""
+    x = np.random.default_rng(0).random((1, args.size, args.size, 1)).astype(np.float32)
+    gen = generator_pair("bottleneck", args.size)["fused"]
+    predictors = {p: MonteCarloPredictor(gen, samples=args.samples, seed=1, precision=p) for p in PRECISIONS}
+    results = {p: predictor.predict(x) for p, predictor in predictors.items()}  # warm-up, and accuracy
+    cached = {p: float("inf") for p in PRECISIONS}
+    conv = {p: 0.0 for p in PRECISIONS}
+    before = load()
+    for _ in range(args.repeats):
+        for p in PRECISIONS:
+            cached[p] = min(cached[p], predict_time(predictors[p], x, args.samples))
+            conv[p] = max(conv[p], conv_reference_gflops(tf.as_dtype(p)))
+    rows = [("precision: load", f"{before} before, {load()} after")]
+    for p in PRECISIONS:
+        rows.append((f"precision: reference conv {p}", f"{conv[p]:.1f} GFLOP/s"))
+        rows.append((f"precision: cached T={args.samples} {args.size}^2 {p}", f"{cached[p]:.2f} s"))
+    exact, fast = results["float32"], results["bfloat16"]
+    rows.append(("precision: bfloat16 speed-up", f"{cached['float32'] / cached['bfloat16']:.2f}x end to end, "
+                                                 f"{conv['bfloat16'] / conv['float32']:.1f}x on the reference conv"))
+    rows.append(("precision: bfloat16 vs float32 posterior",
+                 f"max |dmean| {np.abs(fast.mean - exact.mean).max():.1e}, mean |dmean| "
+                 f"{np.abs(fast.mean - exact.mean).mean():.1e}, max |dvar| {np.abs(fast.var - exact.var).max():.1e} "
+                 f"(max var {exact.var.max():.1e}), mean |dvar| / mean var "
+                 f"{np.abs(fast.var - exact.var).mean() / exact.var.mean():.1e}"))
+    return rows
+
+
+def stretch_whole(args, precision: str) -> tuple[float, float, float]:
+    """The whole 1828x1828 slice (padded to a multiple of 4) at T=``--samples``: ``(total, prefix,
+    per sample)`` fit on T=2 and T=4 and extrapolated linearly."""
+    side = -(-1828 // 4) * 4
+    gen = generator_pair("bottleneck", 256)["fused"]
+    image = np.random.default_rng(0).random((1, side, side, 1)).astype(np.float32)
+    predictor = MonteCarloPredictor(gen, samples=2, seed=1, chunk_size=1, memory_budget_mb=args.whole_budget_mb,
+                                    precision=precision)
+    fixed, per_sample = linear_in_t(predictor, image, 2, 4)
+    return fixed + per_sample * args.samples, fixed, per_sample
+
+
 def stretch(args) -> list[tuple[str, str]]:
     """A paper-size slice (1828 x 1828 at HR) at T=100: blend tiles vs the whole slice in one pass,
     each extrapolated from short runs (fused ops)."""
@@ -164,6 +211,13 @@ def stretch(args) -> list[tuple[str, str]]:
     ]
 
 
+def stretch_bfloat16(args) -> list[tuple[str, str]]:
+    total, fixed, per_sample = stretch_whole(args, "bfloat16")
+    return [(f"stretch: whole slice T={args.samples} bfloat16",
+             f"{total:.0f} s = {total / 60:.1f} min, goal <= 2 min (prefix {fixed:.0f} s + {per_sample:.2f} s per "
+             f"sample, fit on T=2 and T=4, extrapolated); {load()}")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="input height and width (P1, P2)")
@@ -176,11 +230,18 @@ def main() -> None:
     parser.add_argument("--tile-batch", type=int, default=8, help="tiles per predictor call in --stretch")
     parser.add_argument("--whole-budget-mb", type=float, default=8192,
                         help="memory budget of the whole-slice run in --stretch")
+    parser.add_argument("--precision-only", action="store_true",
+                        help="only the float32 vs bfloat16 rows (and --stretch), not P1/P2")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per precision (best kept)")
     args = parser.parse_args()
     rows = [("machine", machine.describe())]
-    rows += p1_p2(args)
-    if args.stretch:
+    if not args.precision_only:
+        rows += p1_p2(args)
+    rows += precision_rows(args)
+    if args.stretch and not args.precision_only:
         rows += stretch(args)
+    if args.stretch:
+        rows += stretch_bfloat16(args)
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -116,7 +116,8 @@ def test_streaming_moments_are_numerically_stable():
 
 
 @pytest.mark.parametrize("kwargs", [{"samples": 1}, {"samples": 0}, {"chunk_size": 0},
-                                    {"memory_budget_mb": 0}, {"percentiles": (101,)}, {"seed": -1}])
+                                    {"memory_budget_mb": 0}, {"percentiles": (101,)}, {"seed": -1},
+                                    {"precision": "float16"}])
 def test_bad_settings_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         MonteCarloPredictor(tiny_generator(), **{"samples": 4, **kwargs})
@@ -144,3 +145,22 @@ def test_fused_engine_matches_the_plain_layer_by_layer_posterior(images):
     np.testing.assert_allclose(fast.mean, reference.mean, atol=1e-5)
     np.testing.assert_allclose(fast.var, reference.var, atol=1e-6)
     assert reference.var.max() > 1e-5
+
+
+@pytest.mark.parametrize("position", ["bottleneck", "resblocks"])
+def test_bfloat16_posterior_is_close_to_float32_and_reproducible(images, position):
+    gen = tiny_generator(position)
+    exact = MonteCarloPredictor(gen, samples=8, seed=3).predict(images)
+    predictor = MonteCarloPredictor(gen, samples=8, seed=3, precision="bfloat16")
+    fast = predictor.predict(images)
+    assert gen.encoder[1].compute_dtype == "float32"  # the trained generator is left as it was
+    assert fast.mean.dtype == fast.var.dtype == np.float32
+    # Same seed rows, hence the same dropout masks: only bfloat16 rounding separates the posteriors.
+    np.testing.assert_allclose(fast.mean, exact.mean, atol=1e-2)
+    np.testing.assert_allclose(fast.var, exact.var, atol=0.1 * exact.var.max())
+    assert np.abs(fast.mean - exact.mean).max() > 0  # the bfloat16 path really ran
+    again = MonteCarloPredictor(gen, samples=8, seed=3, precision="bfloat16").predict(images)
+    np.testing.assert_array_equal(again.mean, fast.mean)
+    np.testing.assert_array_equal(again.var, fast.var)
+    other = predictor.predict(images, seed=4)
+    assert not np.array_equal(other.mean, fast.mean)

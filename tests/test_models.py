@@ -13,7 +13,7 @@ import tensorflow as tf
 from microsr_tf.errors import ConfigError, InputError
 from microsr_tf.models.artifact import load_generator, meta_path_for, save_generator
 from microsr_tf.models.discriminator import PatchDiscriminator
-from microsr_tf.models.generator import ResnetGenerator
+from microsr_tf.models.generator import ResnetGenerator, with_precision
 from microsr_tf.models.layers import (MCDropout, ReflectionPadding2D, SubPixelResizeConv2D, fused_instance_norm,
                                      instance_norm, reflect_conv_one_channel)
 
@@ -182,6 +182,7 @@ def plain_twin(gen: ResnetGenerator, x: tf.Tensor) -> ResnetGenerator:
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("upsample", UPSAMPLES)
 def test_fused_forward_equals_plain_layers_in_outputs_and_gradients(rng, position, upsample):
+    keras.utils.set_random_seed(0)  # fixed weights: the gradient tolerance must not depend on test order
     gen = tiny(position, upsample)
     x = image(rng, 2, 32, 40)
     rows = seeds([1, 2], [3, 4])
@@ -361,3 +362,43 @@ def test_artifact_input_errors(rng, tmp_path):
     (tmp_path / "d.meta.json").write_text("{}")
     with pytest.raises(InputError, match="not a ResnetGenerator"):
         load_generator(tmp_path / "d.keras")
+
+
+# ----- bfloat16 inference ----------------------------------------------------------------------
+
+def test_fused_kernels_compute_bfloat16_inputs_in_float32(rng):
+    x = tf.cast(tf.constant((3.0 + rng.normal(size=(2, 12, 10, 6))).astype("float32")), tf.bfloat16)
+    wide = tf.cast(x, tf.float32)  # the same values, exactly
+    norm = instance_norm()
+    norm.build(x.shape)
+    norm.gamma.assign(rng.normal(size=6).astype("float32"))
+    y = fused_instance_norm(x, norm, relu=True)
+    assert y.dtype == tf.bfloat16
+    np.testing.assert_array_equal(y, tf.cast(fused_instance_norm(wide, norm, relu=True), tf.bfloat16))
+    conv = keras.layers.Conv2D(1, 7)
+    conv.build((None, 18, 16, 6))
+    head = reflect_conv_one_channel(x, conv)
+    assert head.dtype == tf.float32
+    np.testing.assert_array_equal(head, reflect_conv_one_channel(wide, conv))
+
+
+@pytest.mark.parametrize("upsample", UPSAMPLES)
+def test_bfloat16_copy_shares_weights_and_stays_close(rng, upsample):
+    gen = tiny("resblocks", upsample)
+    x, rows = image(rng, 2, 32, 32), seeds([1, 2], [3, 4])
+    expected = gen(x, seed=rows).numpy()
+    assert with_precision(gen, "float32") is gen
+    fast = with_precision(gen, "bfloat16")
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    convs = [layer for layer in fast._flatten_layers() if isinstance(layer, (keras.layers.Conv2D,
+                                                                             SubPixelResizeConv2D))]
+    assert convs and all(c.compute_dtype == "bfloat16" and c.variable_dtype == "float32" for c in convs)
+    for a, b in zip(fast.get_weights(), gen.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    y = fast(x, seed=rows)
+    assert y.dtype == tf.float32
+    np.testing.assert_allclose(y, expected, atol=2e-2)
+    assert np.abs(y - expected).max() > 0
+    np.testing.assert_array_equal(y, fast(x, seed=rows))
+    with pytest.raises(ConfigError, match="precision"):
+        with_precision(gen, "half")

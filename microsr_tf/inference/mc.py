@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from microsr_tf.errors import ConfigError, InputError
+from microsr_tf.models.generator import with_precision
 
 _MAX_SEED = 2**31 - 1  # seed rows are int32
 _LIVE_FACTOR = 3  # live activations of a conv stack ~ input + output + one skip of the largest tensor
@@ -162,11 +163,14 @@ class MonteCarloPredictor:
     call; ``None`` sizes chunks to ``memory_budget_mb``, estimated from the traced graphs. Percentiles
     need the raw samples, so asking for them keeps all ``samples`` outputs in host memory
     (``N * samples * H * W * 4`` bytes); without them memory does not grow with ``samples``.
+    ``precision="bfloat16"`` runs the stochastic suffix's convolutions in bfloat16 (see
+    :func:`~microsr_tf.models.generator.with_precision`); the prefix, which runs once per input, stays
+    float32, and so do the outputs and the moments.
     """
 
     def __init__(self, generator, samples: int = 100, seed: int | None = None, chunk_size: int | None = None,
                  memory_budget_mb: float = 1024, percentiles: Sequence[float] = (),
-                 jit_compile: bool = False):
+                 jit_compile: bool = False, precision: str = "float32"):
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
             raise ConfigError(f"Monte Carlo samples must be an integer >= 2 (variance needs two), got {samples!r}")
         if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
@@ -179,6 +183,9 @@ class MonteCarloPredictor:
         if seed is not None:
             resolve_seed(seed)
         self.generator = generator
+        self.precision = precision
+        self._suffix_generator = with_precision(generator, precision)
+        self._feature_dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
         self.samples = int(samples)
         self.seed = seed
         self.chunk_size = None if chunk_size is None else int(chunk_size)
@@ -192,9 +199,9 @@ class MonteCarloPredictor:
         """Suffix on each image's features repeated once per sample id; per-image chunk mean, M2, samples."""
         k = tf.shape(sample_ids)[0]
         n = tf.shape(image_seeds)[0]
-        tiled = tf.nest.map_structure(lambda f: tf.repeat(f, k, axis=0), features)
+        tiled = tf.nest.map_structure(lambda f: tf.repeat(tf.cast(f, self._feature_dtype), k, axis=0), features)
         rows = tf.stack([tf.repeat(image_seeds, k), tf.tile(sample_ids, [n])], axis=1)
-        y = self.generator.stochastic_suffix(tiled, rows)
+        y = self._suffix_generator.stochastic_suffix(tiled, rows)
         y = tf.reshape(y, tf.concat([[n, k], tf.shape(y)[1:]], axis=0))
         mean = tf.reduce_mean(y, axis=1)
         m2 = tf.reduce_sum(tf.square(y - mean[:, None]), axis=1)

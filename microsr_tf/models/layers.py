@@ -102,21 +102,23 @@ def is_instance_norm(layer, channels: int) -> bool:
 @tf.function(jit_compile=True, reduce_retracing=True)
 def _instance_norm_kernel(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float, relu: bool) -> tf.Tensor:
     """Per-(example, channel) normalisation over height and width, scale, offset and optional ReLU,
-    compiled by XLA into two reduction passes and one elementwise pass."""
+    compiled by XLA into two reduction passes and one elementwise pass. Statistics and arithmetic are
+    float32 whatever ``x``'s dtype (the casts fuse into the passes); the result has ``x``'s dtype."""
+    dtype = x.dtype
+    x = tf.cast(x, tf.float32)
     mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
     var = tf.reduce_mean(tf.square(x - mean), axis=[1, 2], keepdims=True)
     scale = gamma * tf.math.rsqrt(var + epsilon)
     y = x * scale + (beta - mean * scale)
-    return tf.nn.relu(y) if relu else y
+    return tf.cast(tf.nn.relu(y) if relu else y, dtype)
 
 
 def fused_instance_norm(x: tf.Tensor, norm: keras.layers.GroupNormalization, relu: bool = False) -> tf.Tensor:
     """``norm(x)`` (then ReLU when ``relu``) for an :func:`instance_norm` layer, computed in one compiled
     kernel with the layer's weights; ~3x faster than the Keras layer (which reduces over a 5-D grouped
-    view and runs each step as a separate pass) and equal to float rounding."""
-    y = _instance_norm_kernel(tf.cast(x, tf.float32), tf.convert_to_tensor(norm.gamma),
-                              tf.convert_to_tensor(norm.beta), float(norm.epsilon), bool(relu))
-    return tf.cast(y, x.dtype)
+    view and runs each step as a separate pass) and equal to float rounding. Returns ``x``'s dtype."""
+    return _instance_norm_kernel(x, tf.cast(norm.gamma, tf.float32), tf.cast(norm.beta, tf.float32),
+                                 float(norm.epsilon), bool(relu))
 
 
 def is_one_channel_conv(layer, padding: int) -> bool:
@@ -134,8 +136,10 @@ def _reflect_conv_one_channel_kernel(x: tf.Tensor, kernel: tf.Tensor, bias: tf.T
     product (channel-first, so each tap is a contiguous plane) and ``k*k`` shifted plane sums.
 
     Padding commutes with the pointwise product, so the planes are padded instead of the ``C``-channel
-    input; summing columns then rows keeps the adds to ``k*k + k`` planes.
+    input; summing columns then rows keeps the adds to ``k*k + k`` planes. Computes in float32 whatever
+    ``x``'s dtype: XLA's CPU matrix product is slower in bfloat16 than in float32.
     """
+    x = tf.cast(x, tf.float32)
     k = kernel.shape[0]
     p = k // 2
     shape = tf.shape(x)
@@ -151,10 +155,9 @@ def reflect_conv_one_channel(x: tf.Tensor, conv: keras.layers.Conv2D) -> tf.Tens
     """``conv(ReflectionPadding2D(k // 2)(x))`` for a one-channel ``k x k`` conv (see
     :func:`is_one_channel_conv`), with the conv's weights. A convolution into a single channel keeps
     the vector units of a standard kernel mostly idle (~3 GFLOP/s here); this form runs the work as a
-    matrix product and is ~4x faster, equal to float rounding."""
-    y = _reflect_conv_one_channel_kernel(tf.cast(x, tf.float32), tf.convert_to_tensor(conv.kernel),
-                                         tf.convert_to_tensor(conv.bias))
-    return tf.cast(y, conv.compute_dtype)
+    matrix product and is ~4x faster, equal to float rounding. The result is float32 (it feeds the
+    float32 output activation, so a bfloat16 input is not rounded again at the end)."""
+    return _reflect_conv_one_channel_kernel(x, tf.cast(conv.kernel, tf.float32), tf.cast(conv.bias, tf.float32))
 
 
 @keras.saving.register_keras_serializable(package="microsr_tf")

@@ -91,7 +91,7 @@ class _Progress:
 @click.option("--tile", type=int, default=256, show_default=True,
               help="Tile size in HR pixels for blend/paper stitching (a multiple of 4, >= 8).")
 @click.option("--overlap", type=float, default=0.25, show_default=True,
-              help="Fraction of a tile shared with its neighbour (blend), in [0, 1).")
+              help="Fraction of a tile shared with its neighbour (blend), in [0, 0.75].")
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Tiles per forward pass.")
 @click.option("--roi", "roi_text", metavar="i0:i1,j0:j1,k0:k1", default=None, help=ROI_HELP)
@@ -102,9 +102,12 @@ class _Progress:
               help="Also write per-voxel percentiles of the T samples as NAME_pQ.nii.gz.")
 @click.option("--preview", is_flag=True,
               help="Also write NAME_preview.png: LR | posterior mean | uncertainty of the middle slice.")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Convolution precision; bfloat16 is several times faster on CPUs with AMX and moves the "
+                   "mean by about 1e-3.")
 @user_errors
 def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, batch_size, roi_text, axis,
-            write_std, percentiles_text, preview) -> None:
+            write_std, percentiles_text, preview, precision) -> None:
     """Super-resolve INPUT volumes into posterior mean and variance NIfTI volumes (paper eq. 4).
 
     Each input is read slice by slice, upsampled to the model's HR spacing, normalised, predicted T
@@ -118,7 +121,7 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
     from microsr_tf.export import load_model
 
     check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
-                  percentiles=percentiles)
+                  percentiles=percentiles, precision=precision)
     generator, meta = load_model(model_path)
     plans = [plan_volume(path, meta, roi=roi, axis=axis) for path in inputs]  # refuse bad inputs up front
     seen: dict[str, str] = {}
@@ -137,7 +140,7 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
             result = predict_volume(plan.input_path, generator, meta, out_dir, samples=samples, seed=seed,
                                     stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size, roi=roi,
                                     axis=axis, write_std=write_std, percentiles=percentiles, preview=preview,
-                                    progress=progress)
+                                    progress=progress, precision=precision)
         finally:
             progress.close()
         for path in result.outputs.values():

@@ -7,6 +7,7 @@ batch 5, Adam at 1e-4, 50 epochs, lambda_rec = 10, lambda_adv = 1, nine residual
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class DataConfig:
             raise ConfigError(f"data.roi_margin must be >= 0, got {self.roi_margin}")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if not -3 <= self.axis <= 2:
+            raise ConfigError(f"data.axis must be 0, 1 or 2 (or -3..-1 from the end), got {self.axis}")
 
 
 @dataclass
@@ -109,6 +112,11 @@ class TrainConfig:
             raise ConfigError(f"train.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if self.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.beta_1 < 1.0:
+            raise ConfigError(f"train.beta_1 must be in [0, 1), got {self.beta_1}")
+        for name in ("lambda_rec", "lambda_adv", "lambda_identity"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.gan_loss not in GAN_LOSSES:
             raise ConfigError(f"train.gan_loss must be one of {GAN_LOSSES}, got {self.gan_loss!r}")
         if self.strategy not in STRATEGIES:
@@ -155,9 +163,17 @@ class Config:
         )
         if raw is None:
             return new.validate()
+        new._apply(raw, source)
+        try:
+            return new.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def _apply(self, raw: Mapping[str, Any], source: str) -> None:
+        """Set the values of nested mapping ``raw`` in place, checking section names, keys and types."""
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-        sections = {f.name for f in dataclasses.fields(new)}
+        sections = {f.name for f in dataclasses.fields(self)}
         for section, values in raw.items():
             if section not in sections:
                 raise ConfigError(f"{source}: unknown config section {section!r} (known: {sorted(sections)})")
@@ -165,7 +181,7 @@ class Config:
                 continue
             if not isinstance(values, Mapping):
                 raise ConfigError(f"{source}: section {section!r} must be a mapping")
-            target = getattr(new, section)
+            target = getattr(self, section)
             known = {f.name: f for f in dataclasses.fields(target)}
             for key, value in values.items():
                 if key not in known:
@@ -174,7 +190,6 @@ class Config:
                 if value is None and key not in _NULLABLE:
                     continue
                 setattr(target, key, _coerce(value, known[key], f"{section}.{key}", source))
-        return new.validate()
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> "Config":
@@ -186,6 +201,10 @@ class Config:
                     raw = yaml.safe_load(fh)
             except FileNotFoundError:
                 raise InputError(path, "config file not found") from None
+            except UnicodeDecodeError:
+                raise InputError(path, "not a text (UTF-8) YAML file") from None
+            except OSError as exc:
+                raise InputError(path, f"cannot read the config file ({exc.strerror or exc})") from None
             except yaml.YAMLError as exc:
                 first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
                 raise InputError(path, f"not valid YAML ({first})") from None
@@ -227,7 +246,10 @@ def _coerce(value: Any, fld: dataclasses.Field, key: str, source: str) -> Any:
         if kind.startswith("float"):
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
+            return number
         if kind.startswith("str"):
             if not isinstance(value, str):
                 raise ValueError

@@ -30,7 +30,8 @@ from typing import Any
 import tensorflow as tf
 
 from .errors import InputError
-from .models.artifact import load_generator
+from .models.artifact import check_prediction_meta, generator_file, load_generator, meta_path_for
+from .volumes import make_output_dir
 
 META_FILE = "microsr_meta.json"
 _SEED_SPEC = tf.TensorSpec([None, 2], tf.int32, name="seed")
@@ -102,8 +103,8 @@ def export_saved_model(model_path: str | os.PathLike, base_dir: str | os.PathLik
     if samples < 2:
         raise InputError(None, f"samples must be >= 2, got {samples}")
     generator, meta = load_generator(model_path)
-    base = Path(base_dir)
-    base.mkdir(parents=True, exist_ok=True)
+    check_prediction_meta(meta, meta_path_for(generator_file(model_path)))
+    base = make_output_dir(base_dir)
     existing = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()]
     version = (max(existing, default=0) + 1) if version is None else int(version)
     target = base / str(version)
@@ -161,7 +162,9 @@ def load_model(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     """Load what ``--model`` names: a training run directory, a ``.keras`` file or an exported SavedModel."""
     version_dir = find_version_dir(path)
     if version_dir is None:
-        return load_generator(path)
+        generator, meta = load_generator(path)
+        check_prediction_meta(meta, meta_path_for(generator_file(path)))
+        return generator, meta
     meta_file = version_dir / "assets.extra" / META_FILE
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
@@ -169,6 +172,9 @@ def load_model(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
         raise InputError(meta_file, "missing: not a microsr-tf export (no model metadata)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(meta_file, f"invalid model metadata ({exc.__class__.__name__})") from None
+    if not isinstance(meta, dict):
+        raise InputError(meta_file, f"model metadata must be a JSON object, got {type(meta).__name__}")
+    check_prediction_meta(meta, meta_file)
     try:
         loaded = tf.saved_model.load(os.fspath(version_dir))
     except Exception as exc:  # a corrupt SavedModel surfaces as several TF error types

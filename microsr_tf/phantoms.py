@@ -38,7 +38,7 @@ from scipy import ndimage
 from skimage.transform import iradon, radon
 
 from .errors import ConfigError, InputError
-from .volumes import write_volume
+from .volumes import make_output_dir, write_volume
 
 # Linear attenuation relative to water: what every material is rendered as before calibration.
 AIR = 0.0
@@ -723,6 +723,7 @@ def write_phantoms(out_dir: str | os.PathLike, subjects: int, seed: int, size: s
         raise ConfigError(f"seed must be >= 0, got {seed}")
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
+    make_output_dir(out)
     for sub in ROLE_DIRS.values():
         (out / sub).mkdir(parents=True, exist_ok=True)
     say = progress or (lambda message: None)

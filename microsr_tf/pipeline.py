@@ -28,7 +28,7 @@ from .errors import InputError
 from .patches import patches_at, select_origins
 from .preprocessing import (IntensityStats, check_coarser, combine_stats, foreground_mask, resample_slice,
                             roi_bbox, volume_stats, volume_threshold)
-from .volumes import Volume, find_volumes, in_plane_axes, open_volume, resampled_shape
+from .volumes import Volume, find_volumes, in_plane_axes, make_output_dir, open_volume, resampled_shape
 
 SPACING_TOLERANCE = 0.01  # volumes in one folder may differ in in-plane spacing by at most 1%
 SHARD_DTYPES = ("uint16", "float16", "float32")
@@ -324,7 +324,7 @@ def prepare_shards(lr_dir: str | os.PathLike, hr_dir: str | os.PathLike, out_dir
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(out, "already exists and is not an empty folder; choose a new output folder")
     lr, hr = _index_folders(lr_dir, hr_dir, cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         shards = {dom.name.lower(): _write_domain(dom, tmp, dtype, shard_bytes) for dom in (lr, hr)}

@@ -12,7 +12,9 @@ the final path.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
 import os
 import secrets
 import shutil
@@ -25,6 +27,7 @@ from typing import Iterable, Iterator, Sequence
 import nibabel as nib
 import numpy as np
 from nibabel.arrayproxy import ArrayProxy
+from nibabel.openers import ImageOpener
 from nibabel.nifti1 import Nifti1Header
 from nibabel.nifti2 import Nifti2Header
 
@@ -64,6 +67,9 @@ def _normalize_axis(axis: int) -> int:
     return int(axis) % 3
 
 
+_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}  # "unknown" is read as mm, as nibabel does
+
+
 class Volume:
     """A validated 3-D NIfTI volume whose voxels are read lazily, one slice at a time.
 
@@ -78,7 +84,10 @@ class Volume:
         self.shape = shape
         self.header = img.header
         self.affine = np.array(img.affine, dtype=np.float64)
-        self.spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        # Spacing in mm whatever the header's spatial unit (micro-CT is often stored in microns);
+        # the affine stays in the file's own units, so outputs keep them too.
+        to_mm = _MM_PER_UNIT.get(img.header.get_xyzt_units()[0], 1.0)
+        self.spacing = tuple(float(z) * to_mm for z in img.header.get_zooms()[:3])
         self.dtype = np.dtype(img.get_data_dtype())
         proxy = img.dataobj
         self._spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
@@ -205,7 +214,8 @@ def open_volume(path: str | os.PathLike) -> Volume:
     if not is_nifti_name(path):
         raise InputError(path, "not a NIfTI file name (expected .nii or .nii.gz)")
     try:
-        img = nib.load(path)
+        with _nibabel_fixes_quiet():
+            img = nib.load(path)
     except Exception as exc:  # nibabel signals unparsable input with many exception types
         raise InputError(path, f"not a readable NIfTI file ({_first_line(exc)})") from None
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image derives from Nifti1Image
@@ -223,11 +233,52 @@ def open_volume(path: str | os.PathLike) -> Volume:
     if dtype.fields is not None or dtype.kind not in "iuf":
         raise InputError(path, f"unsupported voxel type {dtype} (expected real integer or floating-point voxels, "
                                "not complex or RGB)")
+    # nibabel silently turns a pixdim of 0 into 1 mm; the spacing of such a file is unknown, not 1 mm.
+    # A negative pixdim is read as its absolute value, as nibabel and other NIfTI readers do.
+    raw = _raw_pixdim(path, type(img.header))
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
-    if not (np.isfinite(zooms).all() and (zooms > 0).all()):
-        raise InputError(path, f"voxel spacing {tuple(zooms.tolist())} must be positive and finite")
+    if not (np.isfinite(raw).all() and (raw != 0).all() and (zooms > 0).all()):
+        raise InputError(path, f"voxel spacing (pixdim) {tuple(raw.tolist())} must be non-zero and finite")
     _check_complete(path, img, dtype)
     return Volume(path, img, shape[:3])
+
+
+@contextlib.contextmanager
+def _nibabel_fixes_quiet() -> Iterator[None]:
+    """Keep nibabel from printing the header repairs it makes while loading (for example
+    "pixdim[1,2,3] should be positive"); the fields that matter are checked by :func:`open_volume`."""
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _raw_pixdim(path: Path, header_class: type) -> np.ndarray:
+    """``pixdim[1:4]`` as stored in the file, before nibabel's load-time repairs."""
+    with ImageOpener(path) as fh:
+        header = header_class.from_fileobj(fh, check=False)
+    return np.asarray(header["pixdim"][1:4], dtype=np.float64)
+
+
+def make_output_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` (and its parents) if needed and check it can be written.
+
+    InputError names the folder when it is a file, cannot be created, or is not writable, before
+    any work is done.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, "exists and is not a directory; choose an output folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(path, f"cannot create the output folder ({exc.strerror or _first_line(exc)})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(path, "output folder is not writable")
+    return path
 
 
 def _check_complete(path: Path, img: nib.Nifti1Image, dtype: np.dtype) -> None:

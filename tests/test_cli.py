@@ -24,3 +24,37 @@ def test_unknown_command_fails():
     result = CliRunner().invoke(cli, ["frobnicate"])
     assert result.exit_code != 0
     assert "No such command" in result.output
+
+
+def test_file_system_errors_are_one_line_naming_the_path(tmp_path):
+    import click
+    from click.testing import CliRunner
+
+    from microsr_tf.cli._common import user_errors
+
+    @click.command()
+    @click.argument("path")
+    @user_errors
+    def write(path):
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write("x")
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    target = blocker / "out.txt"  # a file where a folder is expected
+    result = CliRunner().invoke(write, [str(target)])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [f"Error: {target}: Not a directory"]
+
+
+def test_output_folder_under_a_file_is_one_line_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from microsr_tf.cli.main import cli
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = CliRunner().invoke(cli, ["phantom", str(blocker / "out"), "--subjects", "1"])
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {blocker / 'out'}: cannot create the output folder")

@@ -41,6 +41,13 @@ def test_save_round_trip(tmp_path):
         ({"model": {"dropout_position": "everywhere"}}, "dropout_position"),
         ({"train": {"batch_size": "five"}}, "train.batch_size must be of type int"),
         ({"train": {"epochs": 2.5}}, "train.epochs must be of type int"),
+        ({"train": {"learning_rate": float("nan")}}, "train.learning_rate must be a finite number"),
+        ({"data": {"min_foreground": float("inf")}}, "data.min_foreground must be a finite number"),
+        ({"data": {"axis": 7}}, "bad.yaml: data.axis must be 0, 1 or 2"),
+        ({"train": {"lambda_rec": -5}}, "bad.yaml: train.lambda_rec must be >= 0"),
+        ({"train": {"beta_1": 1.5}}, "bad.yaml: train.beta_1 must be in [0, 1)"),
+        ({"data": {"stride": 0}}, "bad.yaml: data.stride must be positive"),
+        (["data", "train"], "bad.yaml: expected a mapping of sections, got list"),
     ],
 )
 def test_bad_values_are_refused_in_one_line(tmp_path, raw, needle):
@@ -59,3 +66,20 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(InputError, match="not valid YAML"):
         Config.load(bad)
+
+
+def test_unreadable_config_files_are_input_errors(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    with pytest.raises(InputError, match="not a text"):
+        Config.load(binary)
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    with pytest.raises(InputError) as info:
+        Config.load(folder)
+    assert str(info.value).startswith(f"{folder}: cannot read the config file")
+
+
+def test_flag_values_are_checked_as_from_the_command_line():
+    with pytest.raises(ConfigError, match="^command line: train.learning_rate must be a finite number"):
+        Config.load(None, {"train": {"learning_rate": float("nan")}})

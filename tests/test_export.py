@@ -86,6 +86,25 @@ def test_bad_exports_are_refused(tmp_path, exported):
         load_model(broken)
 
 
+def test_unusable_metadata_is_refused_before_export_and_predict(tmp_path, exported):
+    gen, _, _ = exported
+    save_generator(gen, tmp_path / "g.keras", {**META, "hr_spacing": "abc"})
+    for call in (lambda: load_model(tmp_path / "g.keras"),
+                 lambda: export_saved_model(tmp_path / "g.keras", tmp_path / "export")):
+        with pytest.raises(InputError) as info:
+            call()
+        assert info.value.path == str(tmp_path / "g.meta.json")
+        assert "hr_spacing must be two positive numbers" in info.value.problem
+    assert not (tmp_path / "export").exists()
+
+
+def test_export_into_a_file_is_refused(tmp_path, exported):
+    _, tmp, _ = exported
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(InputError, match="exists and is not a directory"):
+        export_saved_model(tmp / "g.keras", tmp_path / "taken")
+
+
 def test_cli_export_then_predict_with_the_savedmodel(tmp_path, exported):
     import nibabel as nib
     from click.testing import CliRunner

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import nibabel as nib
@@ -198,7 +201,7 @@ def test_preview_std_percentiles_and_progress(tmp_path, model):
 
 @pytest.mark.parametrize("case", ["missing", "not_nifti", "other_scale", "not_coarser", "no_model",
                                   "one_sample", "roi_syntax", "roi_outside", "roi_empty", "bad_axis",
-                                  "second_input_bad"])
+                                  "second_input_bad", "out_dir_is_file", "bad_model_meta", "huge_overlap"])
 def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir, case):
     good = write_lr(tmp_path / "good.nii.gz")
     out = tmp_path / "out"
@@ -234,6 +237,19 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir
     elif case == "second_input_bad":
         args.insert(1, write_lr(tmp_path / "fine.nii.gz", zooms=(0.2, 0.2, 0.8)))
         expect = ["fine.nii.gz"]
+    elif case == "out_dir_is_file":
+        out.write_text("")
+        expect = [f"{out}: exists and is not a directory"]
+    elif case == "huge_overlap":  # 0.99 would mean tens of thousands of tiles per slice
+        args += ["--stitch", "blend", "--overlap", "0.99"]
+        expect = ["overlap", "0.75"]
+    elif case == "bad_model_meta":
+        broken = tmp_path / "broken_run"
+        broken.mkdir()
+        shutil.copy(os.path.join(model_dir, "generator.keras"), broken)
+        meta = json.loads((Path(model_dir) / "generator.meta.json").read_text())
+        (broken / "generator.meta.json").write_text(json.dumps({**meta, "hr_stats": {"mean": 1.0}}))
+        args[2], expect = broken, ["generator.meta.json", "hr_stats", "lack std"]
     result = run_cli(args)
     assert result.exit_code != 0
     assert "Traceback" not in result.output

@@ -217,3 +217,24 @@ def test_run_dir_rules(folders, tmp_path):
     code, lines = _invoke("--lr-dir", str(lr), "--hr-dir", str(hr), "--out", str(tmp_path / "new"), "--resume")
     assert code != 0 and len(lines) == 1 and "no checkpoint to resume from" in lines[0]
     assert not (tmp_path / "new").exists()
+
+
+def test_run_dir_that_is_a_file_is_refused(folders, tmp_path):
+    lr, hr = folders
+    taken = tmp_path / "taken"
+    taken.write_text("notes")
+    code, lines = _invoke("--lr-dir", str(lr), "--hr-dir", str(hr), "--out", str(taken), *TINY_FLAGS)
+    assert code != 0 and lines == [f"Error: {taken}: exists and is not a directory; choose a run directory"]
+    assert taken.read_text() == "notes"
+
+
+def test_corrupt_checkpoint_is_an_input_error_on_resume(folders, tmp_path):
+    lr, hr = folders
+    cfg = Config.from_dict(TINY).override({"train": {"epochs": 1, "strategy": "default"}})
+    run = tmp_path / "run"
+    train(cfg, lr, hr, run, progress=False)
+    for data in (run / "checkpoints").glob("*.data-*"):
+        data.write_bytes(data.read_bytes()[:100])
+    code, lines = _invoke("--lr-dir", str(lr), "--hr-dir", str(hr), "--out", str(run), "--resume", "--epochs", "2")
+    assert code != 0 and len(lines) == 1, lines
+    assert lines[0].startswith(f"Error: {latest_checkpoint(run)}: cannot read this checkpoint")

@@ -229,7 +229,14 @@ def _nan_spacing(p, rng):
         hdr.write_to(fh)
 
 
+def _zero_spacing(p, rng):
+    img = nib.Nifti1Image(np.ones((4, 4, 3), np.float32), None)  # spacing from pixdim only
+    img.header["pixdim"][1:4] = [0.0, 0.5, 0.5]  # nibabel would read the 0 as 1 mm
+    nib.save(img, p)
+
+
 @pytest.mark.parametrize("name, make, problem", [
+    ("zero_spacing.nii.gz", _zero_spacing, "voxel spacing (pixdim) (0.0, 0.5, 0.5)"),
     ("four_d.nii", _four_d, "is 4-D with 2 volumes"),
     ("two_d.nii", _two_d, "is 2-D"),
     ("five_d.nii.gz", _five_d, "has 5 dimensions"),
@@ -250,6 +257,41 @@ def test_bad_files_are_refused_at_open(tmp_path, rng, name, make, problem):
         open_volume(path)
     assert_one_line_naming(exc, path)
     assert problem in exc.value.problem
+
+
+def test_negative_pixdim_reads_as_its_size_without_printing(tmp_path, rng, capfd):
+    path = tmp_path / "flipped.nii.gz"
+    img = nib.Nifti1Image(rng.random((4, 5, 3)).astype(np.float32), None)
+    img.header["pixdim"][1:4] = [-0.5, 0.25, 2.0]
+    nib.save(img, path)
+    capfd.readouterr()
+    assert open_volume(path).spacing == (0.5, 0.25, 2.0)
+    assert capfd.readouterr().err == ""  # nibabel's "pixdim should be positive" repair note stays quiet
+
+
+@pytest.mark.parametrize("unit, expected", [("micron", (0.018, 0.018, 0.036)), ("mm", (18.0, 18.0, 36.0)),
+                                            ("meter", (18000.0, 18000.0, 36000.0))])
+def test_spacing_is_in_mm_whatever_the_header_unit(tmp_path, rng, unit, expected):
+    path = tmp_path / f"{unit}.nii.gz"
+    img = nib.Nifti1Image(rng.random((4, 5, 3)).astype(np.float32), np.diag([18.0, 18.0, 36.0, 1.0]))
+    img.header.set_xyzt_units(xyz=unit)
+    nib.save(img, path)
+    assert open_volume(path).spacing == pytest.approx(expected)
+
+
+def test_make_output_dir_creates_and_refuses_in_one_line(tmp_path):
+    nested = volumes.make_output_dir(tmp_path / "a" / "b")
+    assert nested.is_dir()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(InputError) as exc:
+        volumes.make_output_dir(blocker)
+    assert_one_line_naming(exc, blocker)
+    assert "not a directory" in exc.value.problem
+    with pytest.raises(InputError) as exc:
+        volumes.make_output_dir(blocker / "sub")
+    assert_one_line_naming(exc, blocker / "sub")
+    assert "cannot create the output folder" in exc.value.problem
 
 
 def test_missing_file_and_wrong_kind_of_path(tmp_path):

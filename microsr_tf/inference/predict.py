@@ -21,7 +21,9 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..preprocessing import IntensityStats, check_coarser, resample_slice, volume_stats
-from ..volumes import Volume, VolumeWriter, nifti_stem, open_volume, resampled_affine, resampled_shape
+from ..volumes import (Volume, VolumeWriter, make_output_dir, nifti_stem, open_volume, resampled_affine,
+                       resampled_shape)
+from ..models.generator import PRECISIONS
 from .mc import MCResult, MonteCarloPredictor
 from .stitching import MODES as STITCH_MODES
 from .stitching import predict_slice
@@ -146,6 +148,7 @@ def predict_volume(
     percentiles: Sequence[float] = (),
     preview: bool = False,
     progress: Progress | None = None,
+    precision: str = "float32",
 ) -> PredictResult:
     """Super-resolve one LR volume into ``NAME_mean.nii.gz`` and ``NAME_var.nii.gz`` under ``out_dir``.
 
@@ -157,21 +160,22 @@ def predict_volume(
     the full extent; in-plane borders are replicated, not read from outside the ROI); the output
     affine places that sub-volume in world space. Slice ``k`` always uses the dropout seed derived
     from ``(seed, k)``, so its result does not depend on which other slices are processed.
+    ``precision="bfloat16"`` runs the generator's convolutions in bfloat16 (faster on CPUs with AMX).
     """
     check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
-                  percentiles=percentiles)
+                  percentiles=percentiles, precision=precision)
     plan = plan_volume(input_path, meta, roi=roi, axis=axis)
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0] >> 1)
     paths = output_paths(plan.name, out_dir, write_std, percentiles, preview)
-    os.makedirs(os.fspath(out_dir), exist_ok=True)
+    make_output_dir(out_dir)
 
     start = time.perf_counter()
     vol, ax, ks = plan.volume, plan.axis, plan.slices
     lr_stats = volume_stats(vol, axis=ax, factors=plan.factors)
     hr_stats = IntensityStats.from_dict(meta["hr_stats"])
     (i0, i1), (j0, j1) = [r for d, r in enumerate(plan.roi) if d != ax]
-    predictor = MonteCarloPredictor(generator, samples=samples, percentiles=tuple(percentiles))
+    predictor = MonteCarloPredictor(generator, samples=samples, percentiles=tuple(percentiles), precision=precision)
     middle = ks[len(ks) // 2]
     panel = None
     convergence: dict[str, float] = {}
@@ -221,7 +225,8 @@ def stale_temp_files(name: str, out_dir: str | os.PathLike) -> list[str]:
 
 
 def check_options(samples: int = 100, seed: int | None = None, stitch: str = "blend", tile: int = 256,
-                  overlap: float = 0.25, batch_size: int = 8, percentiles: Sequence[float] = ()) -> None:
+                  overlap: float = 0.25, batch_size: int = 8, percentiles: Sequence[float] = (),
+                  precision: str = "float32") -> None:
     """Refuse option values that cannot work, before any file is opened."""
     if samples < 2:
         raise ConfigError(f"samples must be >= 2 to estimate a variance, got {samples}")
@@ -231,13 +236,15 @@ def check_options(samples: int = 100, seed: int | None = None, stitch: str = "bl
         raise ConfigError(f"stitch must be one of {', '.join(STITCH_MODES)}, got {stitch!r}")
     if tile < 8 or tile % 4:
         raise ConfigError(f"tile must be a multiple of 4 and >= 8 pixels, got {tile}")
-    if not 0.0 <= overlap < 1.0:
-        raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+    if not 0.0 <= overlap <= 0.75:  # beyond 0.75 every pixel is computed more than 16 times over
+        raise ConfigError(f"overlap must be in [0, 0.75], got {overlap}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     for q in percentiles:
         if not 0.0 <= q <= 100.0:
             raise ConfigError(f"percentiles must be in [0, 100], got {q}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def preview_image(lr_up: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:

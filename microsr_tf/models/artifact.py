@@ -8,6 +8,7 @@ Exported SavedModel directories are not handled here: :mod:`microsr_tf.inference
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -17,6 +18,7 @@ import keras
 
 from microsr_tf.errors import InputError
 from microsr_tf.models.generator import ResnetGenerator
+from microsr_tf.preprocessing import IntensityStats
 
 GENERATOR_FILE = "generator.keras"
 
@@ -76,8 +78,37 @@ def _read_meta(path: str) -> dict[str, Any]:
     return meta
 
 
-def load_generator(path: str | os.PathLike) -> tuple[ResnetGenerator, dict[str, Any]]:
-    """Load a generator and its metadata from a ``.keras`` file or a training run directory."""
+def check_prediction_meta(meta: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse metadata that prediction cannot use: missing keys, spacings or factors that are not two
+    positive numbers, an axis outside 0..2 / -3..-1, or incomplete intensity statistics.
+
+    ``path`` is the metadata file named in the InputError.
+    """
+    missing = [key for key in ("hr_spacing", "factors", "hr_stats") if key not in meta]
+    if missing:
+        raise InputError(path, f"model metadata lacks {', '.join(missing)} (not a generator written by training?)")
+    for key in ("hr_spacing", "factors"):
+        value = meta[key]
+        if not (isinstance(value, list) and len(value) == 2 and all(_positive_number(v) for v in value)):
+            raise InputError(path, f"model metadata {key} must be two positive numbers, got {value!r}")
+    axis = meta.get("axis", -1)
+    if isinstance(axis, bool) or not isinstance(axis, int) or not -3 <= axis <= 2:
+        raise InputError(path, f"model metadata axis must be an integer in [-3, 2], got {axis!r}")
+    if not isinstance(meta["hr_stats"], dict):
+        raise InputError(path, f"model metadata hr_stats must be an object, got {meta['hr_stats']!r}")
+    try:
+        IntensityStats.from_dict(meta["hr_stats"])
+    except (TypeError, ValueError) as exc:
+        raise InputError(path, f"model metadata hr_stats is unusable ({exc})") from None
+
+
+def _positive_number(value: Any) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            and value > 0)
+
+
+def generator_file(path: str | os.PathLike) -> str:
+    """The ``.keras`` file that ``path`` (a ``.keras`` file or a training run directory) names."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(path, "no such file or directory")
@@ -92,6 +123,12 @@ def load_generator(path: str | os.PathLike) -> tuple[ResnetGenerator, dict[str, 
                                    "directory or a .keras file)")
     if not model_path.endswith(".keras") or not zipfile.is_zipfile(model_path):
         raise InputError(model_path, "not a Keras archive (expected a .keras file written by training)")
+    return model_path
+
+
+def load_generator(path: str | os.PathLike) -> tuple[ResnetGenerator, dict[str, Any]]:
+    """Load a generator and its metadata from a ``.keras`` file or a training run directory."""
+    model_path = generator_file(path)
     meta = _read_meta(meta_path_for(model_path))
     try:
         model = keras.saving.load_model(model_path, compile=False)

@@ -33,6 +33,7 @@ from microsr_tf.pipeline import TrainingData, make_training_data
 from microsr_tf.training.callbacks import CheckpointSaver, ProgressBar, TensorBoardLogger, summary_writer
 from microsr_tf.training.multiworker import custom_loop
 from microsr_tf.training.strategy import WorkerDir, check_batch_size, is_chief, is_multiworker, make_strategy
+from microsr_tf.volumes import make_output_dir
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -80,8 +81,10 @@ def generator_meta(cfg: Config, data: TrainingData) -> dict:
 
 def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
     """A fresh run needs an absent or empty directory; a resumed one a checkpoint of the same model."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(run_dir, "exists and is not a directory; choose a run directory")
     if not resume:
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if run_dir.exists() and any(run_dir.iterdir()):
             raise InputError(run_dir, "is not empty; pass --resume to continue its run or choose a new directory")
         return
     if not run_dir.is_dir() or latest_checkpoint(run_dir) is None:
@@ -102,7 +105,12 @@ def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
 def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
     """Restore every object of this run from ``path``; a checkpoint of another setup is an error."""
     try:
-        checkpoint.restore(path).assert_existing_objects_matched()
+        status = checkpoint.restore(path)
+    except (tf.errors.OpError, ValueError, IndexError) as exc:  # truncated or foreign checkpoint files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(path, f"cannot read this checkpoint ({first})") from None
+    try:
+        status.assert_existing_objects_matched()
     except AssertionError as exc:
         raise ConfigError(f"{path}: does not match this run's model ({str(exc).splitlines()[0]})") from None
 
@@ -146,7 +154,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
     out_dir = Path(out.path)
     manager = None
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out_dir)
         cfg.save(out_dir / CONFIG_FILE)
         with strategy.scope():
             model = build_cyclegan(cfg.model, tc, cfg.data.patch_size)

@@ -30,7 +30,7 @@ from typing import Any
 import tensorflow as tf
 
 from .errors import InputError
-from .models.artifact import check_prediction_meta, generator_file, load_generator, meta_path_for
+from .models.artifact import check_prediction_meta, generator_file, load_generator, meta_path_for, read_meta
 from .volumes import make_output_dir
 
 META_FILE = "microsr_meta.json"
@@ -166,14 +166,7 @@ def load_model(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
         check_prediction_meta(meta, meta_path_for(generator_file(path)))
         return generator, meta
     meta_file = version_dir / "assets.extra" / META_FILE
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(meta_file, "missing: not a microsr-tf export (no model metadata)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(meta_file, f"invalid model metadata ({exc.__class__.__name__})") from None
-    if not isinstance(meta, dict):
-        raise InputError(meta_file, f"model metadata must be a JSON object, got {type(meta).__name__}")
+    meta = read_meta(meta_file, missing="missing: not a microsr-tf export (no model metadata)")
     check_prediction_meta(meta, meta_file)
     try:
         loaded = tf.saved_model.load(os.fspath(version_dir))

@@ -65,12 +65,15 @@ def save_generator(generator: ResnetGenerator, path: str | os.PathLike, meta: di
     os.replace(meta_tmp, meta_path_for(path))
 
 
-def _read_meta(path: str) -> dict[str, Any]:
+def read_meta(path: str | os.PathLike,
+              missing: str = "generator metadata file is missing (it is written beside the .keras file)"
+              ) -> dict[str, Any]:
+    """The JSON object at ``path``; InputError (``missing`` when absent) for anything else."""
     try:
         with open(path, encoding="utf-8") as fh:
             meta = json.load(fh)
     except FileNotFoundError:
-        raise InputError(path, "generator metadata file is missing (it is written beside the .keras file)") from None
+        raise InputError(path, missing) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(path, f"generator metadata is not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
@@ -129,7 +132,7 @@ def generator_file(path: str | os.PathLike) -> str:
 def load_generator(path: str | os.PathLike) -> tuple[ResnetGenerator, dict[str, Any]]:
     """Load a generator and its metadata from a ``.keras`` file or a training run directory."""
     model_path = generator_file(path)
-    meta = _read_meta(meta_path_for(model_path))
+    meta = read_meta(meta_path_for(model_path))
     try:
         model = keras.saving.load_model(model_path, compile=False)
     except Exception as exc:  # Keras raises many types for corrupt or foreign archives

@@ -6,7 +6,8 @@ gradient call and one Adam optimizer per network; it is run with our objective (
 reference) and as published, with its always-on identity terms (two more generator passes).
 Ours (``CycleGAN.train_step`` through ``fit``) takes two gradient calls (generators, critics),
 reuses the fakes and the critics' logits on them, skips identity passes when their weight is 0,
-and runs with or without XLA (``jit_compile``).
+and runs with or without XLA (``jit_compile``), and in float32 or ``mixed_bfloat16``
+(``TrainConfig.precision``: bfloat16 convolutions, float32 weights and losses).
 
 Variants are interleaved over several rounds and the median is reported, so a busy machine
 skews them alike. Run: ``python benchmarks/bench_train.py [--patch 64 --ngf 16 ...]``.
@@ -15,6 +16,7 @@ skews them alike. Run: ``python benchmarks/bench_train.py [--patch 64 --ngf 16 .
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -102,9 +104,6 @@ def _time_fit_step(model, iterator, steps: int) -> float:
     return time.perf_counter() - start
 
 
-
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--patch", type=int, default=64)
@@ -128,11 +127,14 @@ def main() -> None:
         name = ("keras-io as published (+ identity terms)" if identity
                 else "keras-io style, same objective (4 gradients/optimizers)")
         runners[name] = lambda n, b=baseline, it=iter(dataset): _time_baseline(b, it, n)
-    for jit in (False,) if args.no_xla else (False, True):
-        model = build_cyclegan(mc, tc, args.patch)
-        model.compile(make_optimizer(tc, 1000, "g"), make_optimizer(tc, 1000, "d"), jit_compile=jit)
+    variants = [(False, "float32")] + ([] if args.no_xla else [(True, "float32")]) + [(False, "mixed_bfloat16")]
+    for jit, precision in variants:
+        tcp = dataclasses.replace(tc, precision=precision)
+        model = build_cyclegan(mc, tcp, args.patch)
+        model.compile(make_optimizer(tcp, 1000, "g"), make_optimizer(tcp, 1000, "d"), jit_compile=jit)
         model.make_train_function()
-        name = f"fused train_step (fit's train_function){' + XLA' if jit else ''}"
+        name = ("fused train_step, mixed_bfloat16" if precision != "float32"
+                else f"fused train_step (fit's train_function){' + XLA' if jit else ''}")
         runners[name] = lambda n, m=model, it=iter(dataset): _time_fit_step(m, it, n)
 
     compile_s = {}

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from microsr_tf.config import DROPOUT_POSITIONS, GAN_LOSSES, STRATEGIES, UPSAMPLE_KINDS
+from microsr_tf.config import DROPOUT_POSITIONS, GAN_LOSSES, PRECISIONS, STRATEGIES, UPSAMPLE_KINDS
 
 from ._common import user_errors
 
@@ -16,6 +16,7 @@ _OVERRIDES = {
     "batch_size": ("train", "batch_size"),
     "steps_per_epoch": ("train", "steps_per_epoch"),
     "strategy": ("train", "strategy"),
+    "precision": ("train", "precision"),
     "lr": ("train", "learning_rate"),
     "decay_start_epoch": ("train", "decay_start_epoch"),
     "gan_loss": ("train", "gan_loss"),
@@ -66,6 +67,9 @@ def overrides_from_flags(flags: dict) -> dict:
 @click.option("--stride", type=int, help="Stride of the training patch grid.  [default: 128]")
 @click.option("--strategy", type=click.Choice(STRATEGIES),
               help="auto: mirror over all GPUs if several; multiworker: cluster from TF_CONFIG.  [default: auto]")
+@click.option("--precision", type=click.Choice(PRECISIONS),
+              help="mixed_bfloat16: bfloat16 compute with float32 weights, several times faster on CPUs with "
+                   "AMX/AVX512-BF16 and on recent GPUs; the saved generator is float32.  [default: float32]")
 @click.option("--seed", type=int, help="Seed for weights, dropout and the patch streams.")
 @click.option("--lr", type=float, help="Adam learning rate.  [default: 1e-4]")
 @click.option("--decay-start-epoch", type=int, help="Decay the learning rate linearly to 0 from this epoch on.")

@@ -21,6 +21,7 @@ DROPOUT_POSITIONS = ("bottleneck", "resblocks", "none")
 UPSAMPLE_KINDS = ("transpose", "resize")
 GAN_LOSSES = ("bce", "lsgan")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+PRECISIONS = ("float32", "mixed_bfloat16")
 
 
 @dataclass
@@ -96,6 +97,7 @@ class TrainConfig:
     gan_loss: str = "bce"  # "bce" (log loss, the paper) or "lsgan"
     pool_size: int = 0  # history of generated images for the critics; 0 disables, 50 as CycleGAN
     strategy: str = "auto"
+    precision: str = "float32"  # "mixed_bfloat16": bf16 compute, float32 weights (fast on AMX/BF16 CPUs, GPUs)
     checkpoint_every: int = 100  # steps between checkpoints
     log_every: int = 10  # steps between scalar summaries
     image_every: int = 100  # steps between TensorBoard image panels
@@ -121,6 +123,8 @@ class TrainConfig:
             raise ConfigError(f"train.gan_loss must be one of {GAN_LOSSES}, got {self.gan_loss!r}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"train.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.pool_size < 0:
             raise ConfigError(f"train.pool_size must be >= 0, got {self.pool_size}")
         if self.decay_start_epoch is not None and not 0 <= self.decay_start_epoch < self.epochs:

@@ -1,4 +1,5 @@
-"""CycleGAN step: finite outputs and losses, distributed loss scaling, image pool, lr schedule."""
+"""CycleGAN step: finite outputs and losses, distributed loss scaling, image pool, lr schedule,
+mixed bfloat16 precision."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import tensorflow as tf
 
 from microsr_tf.config import ModelConfig, TrainConfig
 from microsr_tf.errors import ConfigError
-from microsr_tf.models.cyclegan import STEP_PREFIX, ImagePool, LinearDecay, build_cyclegan, make_optimizer
+from microsr_tf.models.cyclegan import (STEP_PREFIX, ImagePool, LinearDecay, build_cyclegan, float32_generator,
+                                       make_optimizer)
 from microsr_tf.training.strategy import check_batch_size
 
 P = 32
@@ -115,3 +117,35 @@ def test_linear_decay_schedule_follows_step_counter():
     opt.iterations.assign(35)
     assert float(opt.learning_rate) == pytest.approx(2.5e-4)
     assert LinearDecay.from_config(schedule.get_config()).get_config() == schedule.get_config()
+
+
+def test_mixed_bfloat16_fit_keeps_float32_weights_and_global_policy(rng):
+    tc = TrainConfig(batch_size=2, precision="mixed_bfloat16", pool_size=2)
+    keras.utils.set_random_seed(0)
+    model = build_cyclegan(TINY, tc, P)
+    assert keras.config.dtype_policy().name == "float32"
+    assert model.g_l.compute_dtype == "bfloat16" and model.d_h.compute_dtype == "bfloat16"
+    model.compile(make_optimizer(tc, 3, "g"), make_optimizer(tc, 3, "d"))
+    x, y = _data(rng)
+    before = [w.numpy().copy() for w in model.g_l.trainable_weights]
+    history = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(2), epochs=1,
+                        steps_per_epoch=3, shuffle=False, verbose=0).history
+    for name in ("g_loss", "d_loss", "cycle_loss", "adv_loss"):
+        assert all(math.isfinite(v) for v in history[name]), name
+    assert {v.dtype for v in model.weights} == {"float32"}
+    assert any(not np.allclose(a, b.numpy()) for a, b in zip(before, model.g_l.trainable_weights))
+    assert keras.config.dtype_policy().name == "float32"
+
+    saved = float32_generator(model.g_l)  # what the trainer writes to generator.keras
+    assert saved is not model.g_l and saved.compute_dtype == "float32"
+    assert all(layer.dtype_policy.name == "float32" for layer in saved._flatten_layers())
+    seed = tf.constant([[1, 2], [3, 4]], tf.int32)
+    bf16, f32 = model.g_l(x[:2], seed=seed).numpy(), saved(x[:2], seed=seed).numpy()
+    assert f32.dtype == np.float32 and 0 < np.abs(bf16 - f32).max() < 0.05  # same weights, bf16 rounding only
+    plain = build_cyclegan(TINY, TrainConfig(batch_size=2), P).g_l
+    assert float32_generator(plain) is plain
+
+
+def test_bad_precision_refused():
+    with pytest.raises(ConfigError, match="train.precision must be one of"):
+        TrainConfig(precision="float16").validate()

@@ -7,12 +7,19 @@ generators were scored on. This matches the alternating CycleGAN update exactly,
 generator update does not touch the critics and the critics are trained on fakes made before the
 generator update.
 
+With ``TrainConfig.precision = "mixed_bfloat16"`` the four networks follow Keras' ``mixed_bfloat16``
+policy (float32 variables, bfloat16 convolutions); their outputs are cast to float32 before every
+loss, and bfloat16's float32 exponent range needs no loss scaling.
+
 Losses are reduced per example and then scaled with ``tf.nn.compute_average_loss`` over the
 *global* batch; Keras optimizers sum gradients over replicas, so a step under a distribution
 strategy makes the same update as one device on the whole batch.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import keras
 import tensorflow as tf
@@ -92,9 +99,38 @@ class ImagePool(tf.Module):
         return out
 
 
+@contextlib.contextmanager
+def dtype_policy(name: str) -> Iterator[None]:
+    """Layers constructed inside take Keras dtype policy ``name``; the global policy is restored after."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def float32_generator(generator: ResnetGenerator) -> ResnetGenerator:
+    """``generator`` if it computes in float32, else a float32 copy with its weights (for saving: the
+    prediction stage loads a float32 model whatever precision it was trained in)."""
+    if generator.compute_dtype == "float32":
+        return generator
+    with dtype_policy("float32"):
+        copy = type(generator).from_config({**generator.get_config(), "dtype": "float32"})
+    copy.build((None, None, None, 1))
+    copy.set_weights(generator.get_weights())
+    copy.fused_ops = generator.fused_ops
+    return copy
+
+
 def _per_example_mean(t: tf.Tensor) -> tf.Tensor:
-    """Mean over all axes but the batch: one value per example."""
-    return tf.reduce_mean(tf.reshape(t, [tf.shape(t)[0], -1]), axis=1)
+    """Mean over all axes but the batch: one value per example (in float32)."""
+    return tf.reduce_mean(tf.reshape(tf.cast(t, tf.float32), [tf.shape(t)[0], -1]), axis=1)
+
+
+def _float32(t: tf.Tensor) -> tf.Tensor:
+    """``t`` as float32: losses are computed in float32 whatever the networks' compute dtype."""
+    return tf.cast(t, tf.float32)
 
 
 class CycleGAN(keras.Model):
@@ -160,6 +196,7 @@ class CycleGAN(keras.Model):
 
     def _adversarial(self, logits: tf.Tensor, real: bool) -> tf.Tensor:
         """Per-example GAN loss of critic logits against the all-real or all-fake label."""
+        logits = _float32(logits)
         target = tf.ones_like(logits) if real else tf.zeros_like(logits)
         if self.gan_loss == "lsgan":
             return _per_example_mean(tf.square(logits - target))
@@ -178,17 +215,17 @@ class CycleGAN(keras.Model):
         # One persistent tape, two gradient calls (generators, critics). Without a pool the critics'
         # logits on the fakes serve both losses; the critic gradient never reaches the generators.
         with tf.GradientTape(persistent=True) as tape:
-            fake_hr = self.g_l(x)
-            fake_lr = self.g_h(y)
-            cycle = (_per_example_mean(tf.abs(x - self.g_h(fake_hr)))
-                     + _per_example_mean(tf.abs(y - self.g_l(fake_lr))))
+            fake_hr = _float32(self.g_l(x))
+            fake_lr = _float32(self.g_h(y))
+            cycle = (_per_example_mean(tf.abs(x - _float32(self.g_h(fake_hr))))
+                     + _per_example_mean(tf.abs(y - _float32(self.g_l(fake_lr)))))
             judged_hr, judged_lr = self.d_h(fake_hr), self.d_l(fake_lr)
             adv = self._adversarial(judged_hr, True) + self._adversarial(judged_lr, True)
             g_total = self.lambda_adv * adv + self.lambda_rec * cycle
             losses = {"cycle_loss": cycle, "adv_loss": adv}
             if self.lambda_identity > 0:
-                identity = (_per_example_mean(tf.abs(self.g_l(y) - y))
-                            + _per_example_mean(tf.abs(self.g_h(x) - x)))
+                identity = (_per_example_mean(tf.abs(_float32(self.g_l(y)) - y))
+                            + _per_example_mean(tf.abs(_float32(self.g_h(x)) - x)))
                 g_total += self.lambda_rec * self.lambda_identity * identity
                 losses["identity_loss"] = identity
             g_scaled = tf.nn.compute_average_loss(g_total, global_batch_size=global_batch)
@@ -221,7 +258,8 @@ class CycleGAN(keras.Model):
 
 
 def build_cyclegan(model_cfg: ModelConfig, train_cfg: TrainConfig, patch_size: int) -> CycleGAN:
-    """Networks from ``model_cfg``; call inside the strategy scope (and then ``compile``)."""
+    """Networks from ``model_cfg`` in ``train_cfg.precision``; call inside the strategy scope (and then
+    ``compile``)."""
 
     def generator(name: str) -> keras.Model:
         return ResnetGenerator(model_cfg.ngf, model_cfg.n_blocks, model_cfg.upsample,
@@ -230,5 +268,7 @@ def build_cyclegan(model_cfg: ModelConfig, train_cfg: TrainConfig, patch_size: i
     def critic(name: str) -> keras.Model:
         return PatchDiscriminator(model_cfg.ndf, model_cfg.n_layers_d, name=name)
 
-    return CycleGAN(generator("g_l"), generator("g_h"), critic("d_l"), critic("d_h"), train_cfg, patch_size,
-                    name="cyclegan")
+    policy = "mixed_bfloat16" if train_cfg.precision == "mixed_bfloat16" else "float32"
+    with dtype_policy(policy):
+        nets = generator("g_l"), generator("g_h"), critic("d_l"), critic("d_h")
+    return CycleGAN(*nets, train_cfg, patch_size, name="cyclegan")

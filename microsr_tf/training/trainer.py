@@ -5,7 +5,8 @@ Layout of ``RUN_DIR``::
     config.yaml            the resolved configuration of the run
     logs/                  TensorBoard: step and epoch losses, learning rate, image panels
     checkpoints/           full training state (weights, both optimizers, step counter, best loss)
-    generator.keras        G_L at the end of training (+ generator.meta.json)
+    generator.keras        G_L at the end of training (+ generator.meta.json), float32 whatever
+                           train.precision was
     generator_best.keras   G_L after the epoch with the lowest mean cycle loss (+ .meta.json)
 
 Everything that can be checked is checked before ``RUN_DIR`` is created, and a run that fails
@@ -28,7 +29,7 @@ import yaml
 from microsr_tf.config import Config
 from microsr_tf.errors import ConfigError, InputError, MicrosrError
 from microsr_tf.models.artifact import save_generator
-from microsr_tf.models.cyclegan import CycleGAN, build_cyclegan, make_optimizer
+from microsr_tf.models.cyclegan import CycleGAN, build_cyclegan, float32_generator, make_optimizer
 from microsr_tf.pipeline import TrainingData, make_training_data
 from microsr_tf.training.callbacks import CheckpointSaver, ProgressBar, TensorBoardLogger, summary_writer
 from microsr_tf.training.multiworker import custom_loop
@@ -174,7 +175,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
         meta = generator_meta(cfg, data)
         best_path = run_dir / BEST_GENERATOR_FILE
         saver = CheckpointSaver(manager, tc.checkpoint_every, best_cycle,
-                                on_best=(lambda: save_generator(model.g_l, best_path, meta)) if chief else None)
+                                on_best=(lambda: save_generator(float32_generator(model.g_l), best_path, meta)) if chief else None)
         callbacks: list[keras.callbacks.Callback] = [saver]
         writer = None
         if chief:
@@ -200,7 +201,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
             raise TrainingDiverged(f"{run_dir}: training diverged: {name} became NaN/Inf at step {step}; {kept}")
         generator_path = run_dir / GENERATOR_FILE
         if chief:
-            save_generator(model.g_l, generator_path, meta)
+            save_generator(float32_generator(model.g_l), generator_path, meta)
         return TrainResult(run_dir=run_dir, generator_path=generator_path,
                            best_generator_path=best_path if best_path.exists() else None, steps=steps,
                            epochs=steps // steps_per_epoch, history=saver.history,

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -23,6 +21,8 @@ from microsr_tf.inference.predict import predict_volume, slice_seed
 from microsr_tf.models.artifact import save_generator
 from microsr_tf.models.generator import ResnetGenerator
 from microsr_tf.preprocessing import IntensityStats
+
+from processes import sigkill_when  # tests/processes.py
 
 HR_SPACING = 0.1
 FACTOR = 4
@@ -280,22 +280,9 @@ def test_sigkill_mid_run_leaves_no_output_and_a_rerun_succeeds(tmp_path, model_d
     proc = subprocess.Popen(
         [sys.executable, "-c", entry, "predict", str(src), "--model", str(model_dir), "--out-dir", str(out),
          "-T", "4", "--stitch", "whole", "--seed", "0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not any(f.endswith(".part") for f in (os.listdir(out) if out.is_dir() else [])):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "prediction never started writing"
-            time.sleep(0.05)
-        time.sleep(1.0)
-        assert proc.poll() is None, "prediction finished before it could be killed; make the volume larger"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sigkill_when(proc, lambda: any(f.endswith(".part") for f in (os.listdir(out) if out.is_dir() else [])),
+                 timeout=120, waiting_for="prediction output being written", settle=1.0)
     assert final_files(out) == []
     stale = sorted(os.listdir(out))
     assert stale and all(f.startswith(".long_") for f in stale)

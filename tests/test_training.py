@@ -7,10 +7,8 @@ import glob
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -24,6 +22,8 @@ from microsr_tf.cli.main import cli
 from microsr_tf.config import Config
 from microsr_tf.phantoms import write_phantoms
 from microsr_tf.training.trainer import TrainingDiverged, latest_checkpoint, train
+
+from processes import sigkill_when  # tests/processes.py
 
 TINY = {
     "data": {"patch_size": 32, "stride": 16, "seed": 0},
@@ -130,19 +130,7 @@ def test_sigkill_then_resume_continues_from_checkpoint(folders, tmp_path):
             "--log-every", "1", "--image-every", "7"]
     proc = subprocess.Popen(_train_cmd(run, folders, *args), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while latest_checkpoint(run) is None:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(proc, lambda: latest_checkpoint(run) is not None, timeout=240, waiting_for="checkpoint")
     killed_at = int(latest_checkpoint(run).rsplit("-", 1)[1])
     assert 3 <= killed_at < 40 and not (run / "generator.keras").exists()
     n_event_files = len(glob.glob(str(run / "logs" / "events.out.tfevents.*")))

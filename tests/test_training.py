@@ -226,3 +226,25 @@ def test_corrupt_checkpoint_is_an_input_error_on_resume(folders, tmp_path):
     code, lines = _invoke("--lr-dir", str(lr), "--hr-dir", str(hr), "--out", str(run), "--resume", "--epochs", "2")
     assert code != 0 and len(lines) == 1, lines
     assert lines[0].startswith(f"Error: {latest_checkpoint(run)}: cannot read this checkpoint")
+
+
+def test_new_best_at_a_periodic_checkpoint_step_is_saved(tmp_path):
+    """The epoch's last step is also a periodic checkpoint: the new best must reach that checkpoint."""
+    import tensorflow as tf
+
+    from microsr_tf.training.callbacks import CheckpointSaver
+
+    class Model:  # what the callback reads of the model: the step counter and the stop flag
+        optimizer = type("Opt", (), {"iterations": tf.Variable(0, dtype=tf.int64)})()
+        stop_training = False
+
+    best = tf.Variable(math.inf)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(best=best), str(tmp_path), max_to_keep=3)
+    saver = CheckpointSaver(manager, every=5, best_cycle=best)
+    saver.set_model(Model())
+    Model.optimizer.iterations.assign(5)
+    saver.on_train_batch_end(4, {"cycle_loss": 0.5, "step/cycle_loss": 0.4})  # periodic save at step 5
+    saver.on_epoch_end(0, {"cycle_loss": 0.5})  # same step, new best
+    restored = tf.Variable(0.0)
+    tf.train.Checkpoint(best=restored).restore(manager.latest_checkpoint).expect_partial()
+    assert float(restored.numpy()) == 0.5

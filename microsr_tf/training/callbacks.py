@@ -55,8 +55,8 @@ class CheckpointSaver(keras.callbacks.Callback):
                 return False
         return True
 
-    def _save(self, step: int) -> None:
-        if step != self._saved_step:
+    def _save(self, step: int, force: bool = False) -> None:
+        if force or step != self._saved_step:
             self.manager.save(checkpoint_number=step)
             self._saved_step = step
 
@@ -74,7 +74,9 @@ class CheckpointSaver(keras.callbacks.Callback):
         improved = means.get("cycle_loss", math.inf) < float(self.best_cycle.numpy())
         if improved:
             self.best_cycle.assign(means["cycle_loss"])
-        self._save(step)
+        # A new best changes the state even when this step was just saved by the periodic save:
+        # save again, or a resumed run would compare later epochs against a stale best.
+        self._save(step, force=improved)
         if improved and self.on_best is not None:
             self.on_best()
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import yaml
 
 from .errors import ConfigError, InputError
+from .files import atomic_write_text
 
 DROPOUT_POSITIONS = ("bottleneck", "resblocks", "none")
 UPSAMPLE_KINDS = ("transpose", "resize")
@@ -220,17 +220,7 @@ class Config:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML, atomically."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml.tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # Keys whose explicit `null` in YAML means "None", not "keep the default".

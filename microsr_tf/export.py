@@ -30,6 +30,7 @@ from typing import Any
 import tensorflow as tf
 
 from .errors import InputError
+from .files import default_mode
 from .models.artifact import check_prediction_meta, generator_file, load_generator, meta_path_for, read_meta
 from .volumes import make_output_dir
 
@@ -118,6 +119,7 @@ def export_saved_model(model_path: str | os.PathLike, base_dir: str | os.PathLik
         (tmp / "assets.extra").mkdir()
         full_meta = {**meta, "default_samples": int(samples)}
         (tmp / "assets.extra" / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+        default_mode(tmp)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

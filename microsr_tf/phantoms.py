@@ -27,7 +27,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,6 +37,7 @@ from scipy import ndimage
 from skimage.transform import iradon, radon
 
 from .errors import ConfigError, InputError
+from .files import atomic_write_text
 from .volumes import make_output_dir, write_volume
 
 # Linear attenuation relative to water: what every material is rendered as before calibration.
@@ -695,16 +695,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_phantoms(out_dir: str | os.PathLike, subjects: int, seed: int, size: str | PhantomSpec = "small",

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from .config import DataConfig
 from .errors import InputError
+from .files import default_mode
 from .patches import patches_at, select_origins
 from .preprocessing import (IntensityStats, check_coarser, combine_stats, foreground_mask, resample_slice,
                             roi_bbox, volume_stats, volume_threshold)
@@ -345,6 +346,7 @@ def prepare_shards(lr_dir: str | os.PathLike, hr_dir: str | os.PathLike, out_dir
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2), encoding="utf-8")
         if out.exists():
             out.rmdir()
+        default_mode(tmp)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,7 @@ from typing import Any
 import keras
 
 from microsr_tf.errors import InputError
+from microsr_tf.files import default_mode
 from microsr_tf.models.generator import ResnetGenerator
 from microsr_tf.preprocessing import IntensityStats
 
@@ -36,6 +37,7 @@ def _atomic_write(path: str, suffix: str, write) -> str:
     os.close(fd)
     try:
         write(tmp)
+        default_mode(tmp)
     except BaseException:
         os.unlink(tmp)
         raise

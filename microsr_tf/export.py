@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
 
 from .errors import InputError
-from .files import default_mode
+from .files import atomic_directory
 from .models.artifact import check_prediction_meta, generator_file, load_generator, meta_path_for, read_meta
 from .volumes import make_output_dir
 
@@ -112,18 +110,12 @@ def export_saved_model(model_path: str | os.PathLike, base_dir: str | os.PathLik
     if target.exists():
         raise InputError(target, "this model version already exists; choose another --version")
     module = _ServingModule(generator, samples, chunk)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=base))
-    try:
+    with atomic_directory(target) as tmp:
         signatures = {"serving_default": module.serve, "mc_seeded": module.serve_seeded}
         tf.saved_model.save(module, os.fspath(tmp), signatures=signatures)
         (tmp / "assets.extra").mkdir()
         full_meta = {**meta, "default_samples": int(samples)}
         (tmp / "assets.extra" / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
-        default_mode(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

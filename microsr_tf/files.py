@@ -7,8 +7,12 @@ mode before it is renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from pathlib import Path
+from typing import Iterator
 
 
 def _umask() -> int:
@@ -36,4 +40,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target`` to fill; on success it replaces ``target``.
+
+    An empty folder already at ``target`` is replaced; on any error the temporary folder is removed
+    and ``target`` is left as it was.
+    """
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            target.rmdir()
+        default_mode(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,8 +14,6 @@ import functools
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import tensorflow as tf
 
 from .config import DataConfig
 from .errors import InputError
-from .files import default_mode
+from .files import atomic_directory
 from .patches import patches_at, select_origins
 from .preprocessing import (IntensityStats, check_coarser, combine_stats, foreground_mask, resample_slice,
                             roi_bbox, volume_stats, volume_threshold)
@@ -326,8 +324,7 @@ def prepare_shards(lr_dir: str | os.PathLike, hr_dir: str | os.PathLike, out_dir
         raise InputError(out, "already exists and is not an empty folder; choose a new output folder")
     lr, hr = _index_folders(lr_dir, hr_dir, cfg)
     make_output_dir(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         shards = {dom.name.lower(): _write_domain(dom, tmp, dtype, shard_bytes) for dom in (lr, hr)}
         index = {
             "version": _INDEX_VERSION,
@@ -344,13 +341,6 @@ def prepare_shards(lr_dir: str | os.PathLike, hr_dir: str | os.PathLike, out_dir
             "data_config": dataclasses.asdict(cfg),
         }
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2), encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        default_mode(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

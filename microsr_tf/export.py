@@ -44,6 +44,9 @@ class _ServingModule(tf.Module):
         super().__init__()
         self.generator = generator
         self.default_samples = tf.constant(int(samples), tf.int32)
+        # A generator whose state is a variable: every request draws a new seed, whatever global seed
+        # the serving process set (an unseeded stateful op can repeat itself across restored calls).
+        self.seed_generator = tf.random.Generator.from_non_deterministic_state()
         self.chunk = int(chunk)
         probe = generator.deterministic_prefix(tf.zeros([1, 8, 8, 1]))
         feature_specs = tuple(tf.TensorSpec([None, None, None, f.shape[-1]], f.dtype) for f in probe)
@@ -82,7 +85,7 @@ class _ServingModule(tf.Module):
 
     @tf.function(input_signature=[_IMAGE_SPEC])
     def serve(self, image):
-        seed = tf.random.uniform([], 0, 2**31 - 1, dtype=tf.int32)
+        seed = self.seed_generator.uniform([], 0, 2**31 - 1, dtype=tf.int32)
         return self._moments(image, self.default_samples, seed)
 
     @tf.function(input_signature=[_IMAGE_SPEC, tf.TensorSpec([], tf.int32, name="samples"),

@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import InputError
 from .export import load_model
+from .files import atomic_write_text
 from .inference.predict import predict_volume
 from .phantoms import write_phantoms
 from .preprocessing import IntensityStats, resample_slice, volume_stats
@@ -86,9 +87,7 @@ def run_demo(out_dir: str | os.PathLike, model: str | os.PathLike | None = None,
         seconds_phantom=t_phantom, seconds_predict=result.seconds, slices_per_s=result.slices_per_s,
         convergence=dict(result.convergence),
         **score(lr_path, hr_path, result.outputs["mean"], result.outputs["var"], meta))
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(asdict(report), indent=2) + "\n")
-    os.replace(tmp, out / "report.json")
+    atomic_write_text(out / "report.json", json.dumps(asdict(report), indent=2) + "\n")
     return report
 
 

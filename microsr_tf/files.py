@@ -1,14 +1,16 @@
-"""Atomic file writing shared by every stage: temporary name beside the target, then rename.
+"""The one way every stage publishes an output: write a hidden temporary beside the target, then rename.
 
-``tempfile.mkstemp``/``mkdtemp`` create owner-only files (0600/0700); outputs that researchers share
-should get the permissions any other new file would, so the temporary is given the umask's default
-mode before it is renamed into place.
+A rename within a folder is atomic, so a reader (or a rerun after a crash) sees either the old
+state or the finished file, never a partial one. Temporaries are named ``.<target name>.<random><suffix>``
+so an interrupted run's leftovers are recognisable; they are created with the permissions any new
+file gets under the umask (not ``mkstemp``'s owner-only 0600), which the output keeps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,26 +23,56 @@ def _umask() -> int:
     return mask
 
 
-def default_mode(path: str | os.PathLike) -> None:
-    """Give ``path`` the mode a newly created file (0666) or folder (0777) gets under the umask."""
-    full = 0o777 if os.path.isdir(path) else 0o666
-    os.chmod(path, full & ~_umask())
+def temp_file_beside(target: str | os.PathLike, suffix: str = ".tmp") -> tuple[int, Path]:
+    """Create a new hidden file ``.<name>.<random><suffix>`` in ``target``'s folder, open for writing.
+
+    Returns ``(fd, path)``; the caller closes ``fd``. The suffix matters to writers that pick a format
+    from the name (Keras needs ``.keras``).
+    """
+    target = Path(target)
+    while True:
+        path = target.parent / f".{target.name}.{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+
+
+def remove_quietly(*paths: str | os.PathLike) -> None:
+    """Delete files that may already be gone."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it replaces ``path``.
+
+    On any error (or a ``KeyboardInterrupt``) the temporary is removed and ``path`` is left as it was.
+    Nest two of these to publish a pair of files together (e.g. a model and its metadata): both are
+    written before either is renamed.
+    """
+    fd, tmp = temp_file_beside(path, suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder; nothing partial is left."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 @contextlib.contextmanager
@@ -51,12 +83,12 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     and ``target`` is left as it was.
     """
     target = Path(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
         if target.exists():
             target.rmdir()
-        default_mode(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,7 +16,6 @@ import contextlib
 import gzip
 import logging
 import os
-import secrets
 import shutil
 import struct
 import weakref
@@ -32,6 +31,7 @@ from nibabel.nifti1 import Nifti1Header
 from nibabel.nifti2 import Nifti2Header
 
 from .errors import InputError
+from .files import remove_quietly, temp_file_beside
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SLAB_BYTES = 64 << 20  # bytes of one last-axis slab read when gathering slices along another axis
@@ -376,9 +376,9 @@ class VolumeWriter:
             raise ValueError(f"shape must be three positive sizes, got {tuple(shape)}")
         self.axis = _normalize_axis(axis)
         hdr = _output_header(self.shape, np.asarray(affine, dtype=np.float64), np.dtype(dtype), header)
-        fd, tmp = _create_temp(self.path, ".nii.part")
+        fd, tmp = temp_file_beside(self.path, ".part")
         self._temps = [tmp]
-        self._cleanup = weakref.finalize(self, _remove_all, self._temps)
+        self._cleanup = weakref.finalize(self, lambda temps: remove_quietly(*temps), self._temps)
         try:
             with os.fdopen(fd, "wb") as fh:
                 hdr.write_to(fh)
@@ -466,37 +466,15 @@ class VolumeWriter:
 
 def _gzip_to_temp(src: str, target: Path) -> str:
     """Stream-compress ``src`` into a hidden temp file next to ``target``; return its path."""
-    fd, tmp = _create_temp(target, ".nii.gz.part")
+    fd, tmp = temp_file_beside(target, ".gz.part")
     try:
         with open(src, "rb") as fin, os.fdopen(fd, "wb") as raw, \
                 gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as fout:
             shutil.copyfileobj(fin, fout, _GZIP_CHUNK)
     except BaseException:
-        _remove_all([tmp])
+        remove_quietly(tmp)
         raise
     return tmp
-
-
-def _create_temp(target: Path, suffix: str) -> tuple[int, str]:
-    """A new hidden file next to ``target``, opened for writing.
-
-    Unlike ``tempfile.mkstemp`` (always mode 0600) the file gets the umask's default permissions,
-    which the finished output keeps after the rename.
-    """
-    while True:
-        name = target.parent / f".{nifti_stem(target)}.{secrets.token_hex(6)}{suffix}"
-        try:
-            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), os.fspath(name)
-        except FileExistsError:
-            continue
-
-
-def _remove_all(paths: list[str]) -> None:
-    for p in paths:
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
 
 
 def _output_header(shape: tuple[int, int, int], affine: np.ndarray, dtype: np.dtype,

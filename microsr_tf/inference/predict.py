@@ -11,7 +11,6 @@ import math
 import os
 import re
 import time
-import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ import cv2
 import numpy as np
 
 from ..errors import ConfigError, InputError
+from ..files import atomic_write_bytes
 from ..preprocessing import IntensityStats, check_coarser, resample_slice, volume_stats
 from ..volumes import (Volume, VolumeWriter, make_output_dir, nifti_stem, open_volume, resampled_affine,
                        resampled_shape)
@@ -274,23 +274,11 @@ def _to_uint8(unit: np.ndarray) -> np.ndarray:
 
 
 def _write_png_atomic(path: str, image: np.ndarray) -> None:
-    """Encode to PNG and rename into place, so a killed run leaves no partial image.
-
-    The temporary name is opened with ``"xb"`` (not mkstemp) so the file gets the usual umask
-    permissions rather than owner-only ones.
-    """
+    """Encode to PNG and publish it atomically, so a killed run leaves no partial image."""
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise InputError(path, "could not encode the preview image")
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(buf.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, buf.tobytes())
 
 
 def _check_roi(path: str, shape: Sequence[int], roi: Roi | None) -> tuple[tuple[int, int], ...]:

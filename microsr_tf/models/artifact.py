@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import zipfile
 from typing import Any
 
 import keras
 
 from microsr_tf.errors import InputError
-from microsr_tf.files import default_mode
+from microsr_tf.files import atomic_file
 from microsr_tf.models.generator import ResnetGenerator
 from microsr_tf.preprocessing import IntensityStats
 
@@ -30,41 +29,18 @@ def meta_path_for(path: str | os.PathLike) -> str:
     return path[: -len(".keras")] + ".meta.json"
 
 
-def _atomic_write(path: str, suffix: str, write) -> str:
-    """Call ``write(tmp_path)`` on a fresh temporary path beside ``path``; return the temporary path."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=suffix,
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        write(tmp)
-        default_mode(tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
 def save_generator(generator: ResnetGenerator, path: str | os.PathLike, meta: dict[str, Any]) -> None:
-    """Write ``generator`` to ``path`` (``*.keras``) and ``meta`` to ``*.meta.json``, each atomically."""
+    """Write ``generator`` to ``path`` (``*.keras``) and ``meta`` to ``*.meta.json``; both are written in
+    full before either is renamed into place."""
     path = os.fspath(path)
     if not path.endswith(".keras"):
         raise InputError(path, "a generator file name must end in .keras")
     if not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
-    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
-
-    def write_meta(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-
-    model_tmp = _atomic_write(path, ".keras", lambda tmp: generator.save(tmp, overwrite=True))
-    try:
-        meta_tmp = _atomic_write(path, ".json", write_meta)
-    except BaseException:
-        os.unlink(model_tmp)
-        raise
-    os.replace(model_tmp, path)
-    os.replace(meta_tmp, meta_path_for(path))
+    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    with atomic_file(path, suffix=".keras") as model_tmp, atomic_file(meta_path_for(path)) as meta_tmp:
+        generator.save(model_tmp, overwrite=True)
+        meta_tmp.write_text(text, encoding="utf-8")
 
 
 def read_meta(path: str | os.PathLike,

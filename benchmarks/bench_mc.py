@@ -22,7 +22,8 @@ import tensorflow as tf  # noqa: E402
 
 from microsr_tf.inference.mc import MonteCarloPredictor, seed_rows  # noqa: E402
 from microsr_tf.inference.stitching import tile_layout, tile_redundancy  # noqa: E402
-from microsr_tf.models.generator import PRECISIONS, ResnetGenerator  # noqa: E402
+from microsr_tf.config import INFERENCE_PRECISIONS as PRECISIONS  # noqa: E402
+from microsr_tf.models.generator import ResnetGenerator  # noqa: E402
 import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 

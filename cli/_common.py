@@ -1,20 +1,27 @@
-"""Shared CLI plumbing: turn user mistakes into one-line errors with a non-zero exit."""
+"""Shared CLI plumbing: turn user mistakes into one-line errors with the documented exit codes.
+
+Exit codes, the same for every command: 0 success; 2 a usage error (unknown command or option, a
+missing required option, an option value of the wrong type or out of range); 1 anything the command
+refuses or fails on after reading its options (a missing or malformed input file or config file,
+data that do not fit, a file-system error, a diverged run).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import click
 
-from microsr_tf.errors import MicrosrError
+from microsr_tf.errors import ConfigError, MicrosrError
 
 F = TypeVar("F", bound=Callable)
 
 
 def user_errors(func: F) -> F:
-    """Report :class:`MicrosrError` as ``Error: <one line>`` and exit non-zero, without a traceback.
+    """Report :class:`MicrosrError` as ``Error: <one line>`` and exit 1, without a traceback.
 
     File-system failures (``OSError``: permission denied, read-only or full disk, a file where a
     folder is expected) are the user's environment, not a bug, so they are reported the same way,
@@ -45,3 +52,18 @@ def os_error_line(exc: OSError) -> str:
     if exc.filename2 is not None:
         where = f"{where} -> {os.fsdecode(exc.filename2)}"
     return f"{where}: {reason}"
+
+
+@contextlib.contextmanager
+def option_values() -> Iterator[None]:
+    """Checks of option values inside: a :class:`ConfigError` is a usage error (exit 2), like a value
+    click itself refuses."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise click.UsageError(str(exc).splitlines()[0], ctx=click.get_current_context(silent=True)) from None
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from microsr_tf.config import INFERENCE_PRECISIONS
 from microsr_tf.errors import ConfigError, InputError
 
 from ._common import user_errors
@@ -102,7 +103,7 @@ class _Progress:
               help="Also write per-voxel percentiles of the T samples as NAME_pQ.nii.gz.")
 @click.option("--preview", is_flag=True,
               help="Also write NAME_preview.png: LR | posterior mean | uncertainty of the middle slice.")
-@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+@click.option("--precision", type=click.Choice(INFERENCE_PRECISIONS), default="float32", show_default=True,
               help="Convolution precision; bfloat16 is several times faster on CPUs with AMX and moves the "
                    "mean by about 1e-3.")
 @user_errors

@@ -6,45 +6,65 @@ import os
 
 import click
 
-from microsr_tf.config import DROPOUT_POSITIONS, GAN_LOSSES, PRECISIONS, STRATEGIES, UPSAMPLE_KINDS
+from microsr_tf.config import DROPOUT_POSITIONS, GAN_LOSSES, PRECISIONS, STRATEGIES, UPSAMPLE_KINDS, Config
 
-from ._common import user_errors
+from ._common import option_values, plural, user_errors
 
-# option name -> (config section, key); flags left out keep the YAML/default value
-_OVERRIDES = {
-    "epochs": ("train", "epochs"),
-    "batch_size": ("train", "batch_size"),
-    "steps_per_epoch": ("train", "steps_per_epoch"),
-    "strategy": ("train", "strategy"),
-    "precision": ("train", "precision"),
-    "lr": ("train", "learning_rate"),
-    "decay_start_epoch": ("train", "decay_start_epoch"),
-    "gan_loss": ("train", "gan_loss"),
-    "lambda_rec": ("train", "lambda_rec"),
-    "lambda_adv": ("train", "lambda_adv"),
-    "lambda_identity": ("train", "lambda_identity"),
-    "pool_size": ("train", "pool_size"),
-    "checkpoint_every": ("train", "checkpoint_every"),
-    "log_every": ("train", "log_every"),
-    "image_every": ("train", "image_every"),
-    "patch_size": ("data", "patch_size"),
-    "stride": ("data", "stride"),
-    "ngf": ("model", "ngf"),
-    "n_blocks": ("model", "n_blocks"),
-    "upsample": ("model", "upsample"),
-    "dropout_rate": ("model", "dropout_rate"),
-    "dropout_position": ("model", "dropout_position"),
-    "ndf": ("model", "ndf"),
-}
+# (flag, config section, key, click type, help, what a None default means); the help ends with the
+# config's own default, so the two cannot drift apart
+_FLAGS = [
+    ("--epochs", "train", "epochs", int, "Epochs to train (total, counting resumed ones).", None),
+    ("--batch-size", "train", "batch_size", int, "Global batch size, split over replicas.", None),
+    ("--steps-per-epoch", "train", "steps_per_epoch", int, "Steps per epoch.", "one pass over the smaller patch set"),
+    ("--patch-size", "data", "patch_size", int, "Training patch size in pixels.", None),
+    ("--stride", "data", "stride", int, "Stride of the training patch grid.", None),
+    ("--strategy", "train", "strategy", click.Choice(STRATEGIES),
+     "auto: mirror over all GPUs if several; multiworker: cluster from TF_CONFIG.", None),
+    ("--precision", "train", "precision", click.Choice(PRECISIONS),
+     "mixed_bfloat16: bfloat16 compute with float32 weights, several times faster on CPUs with AMX/AVX512-BF16 "
+     "and on recent GPUs; the saved generator is float32.", None),
+    ("--lr", "train", "learning_rate", float, "Adam learning rate.", None),
+    ("--decay-start-epoch", "train", "decay_start_epoch", int,
+     "Decay the learning rate linearly to 0 from this epoch on.", "constant"),
+    ("--gan-loss", "train", "gan_loss", click.Choice(GAN_LOSSES), "Adversarial loss.", None),
+    ("--lambda-rec", "train", "lambda_rec", float, "Weight of the cycle (self-reconstruction) loss.", None),
+    ("--lambda-adv", "train", "lambda_adv", float, "Weight of the adversarial loss.", None),
+    ("--lambda-identity", "train", "lambda_identity", float, "Identity loss weight relative to lambda-rec.", None),
+    ("--pool-size", "train", "pool_size", int, "History of fakes shown to the critics (0: none).", None),
+    ("--ngf", "model", "ngf", int, "Generator base filters.", None),
+    ("--n-blocks", "model", "n_blocks", int, "Residual blocks in the generator.", None),
+    ("--upsample", "model", "upsample", click.Choice(UPSAMPLE_KINDS), "Generator upsampling.", None),
+    ("--dropout-rate", "model", "dropout_rate", float, "MC dropout rate.", None),
+    ("--dropout-position", "model", "dropout_position", click.Choice(DROPOUT_POSITIONS), "Where MC dropout sits.",
+     None),
+    ("--ndf", "model", "ndf", int, "Critic base filters.", None),
+    ("--checkpoint-every", "train", "checkpoint_every", int, "Steps between checkpoints.", None),
+    ("--log-every", "train", "log_every", int,
+     "Steps between TensorBoard scalars (and progress lines when stdout is not a terminal).", None),
+    ("--image-every", "train", "image_every", int, "Steps between TensorBoard image panels.", None),
+]
+_DEFAULTS = Config()
+
+
+def _param(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _flag_options(func):
+    for flag, section, key, kind, text, none_means in reversed(_FLAGS):
+        default = getattr(getattr(_DEFAULTS, section), key)
+        shown = none_means if default is None else default
+        func = click.option(flag, type=kind, help=f"{text}  [default: {shown}]")(func)
+    return func
 
 
 def overrides_from_flags(flags: dict) -> dict:
     """Nested ``{section: {key: value}}`` of the flags that were given; ``--seed`` seeds both the
     weights (train.seed) and the patch streams (data.seed) so a run can be repeated."""
     nested: dict[str, dict] = {}
-    for name, (section, key) in _OVERRIDES.items():
-        if flags.get(name) is not None:
-            nested.setdefault(section, {})[key] = flags[name]
+    for flag, section, key, *_ in _FLAGS:
+        if flags.get(_param(flag)) is not None:
+            nested.setdefault(section, {})[key] = flags[_param(flag)]
     if flags.get("seed") is not None:
         nested.setdefault("train", {})["seed"] = flags["seed"]
         nested.setdefault("data", {})["seed"] = flags["seed"]
@@ -52,55 +72,38 @@ def overrides_from_flags(flags: dict) -> dict:
 
 
 @click.command("train")
-@click.option("--lr-dir", metavar="DIR", help="Folder of clinical (low-resolution) NIfTI volumes.")
-@click.option("--hr-dir", metavar="DIR", help="Folder of micro-CT (high-resolution) NIfTI volumes.")
+@click.option("--lr-dir", metavar="DIR", help="Folder of clinical (low-resolution) NIfTI volumes. With --resume: "
+                                              "the run's own, unless given.")
+@click.option("--hr-dir", metavar="DIR", help="Folder of micro-CT (high-resolution) NIfTI volumes. With --resume: "
+                                              "the run's own, unless given.")
 @click.option("--out", "run_dir", required=True, metavar="RUN_DIR",
               help="Run directory: config.yaml, logs/, checkpoints/, generator.keras. Must be new or empty.")
 @click.option("--config", "config_path", metavar="FILE.yaml",
               help="YAML with data/model/train sections; flags override it. With --resume the run's own "
                    "config.yaml is the default.")
-@click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from its last checkpoint.")
-@click.option("--epochs", type=int, help="Epochs to train (total, counting resumed ones).  [default: 50]")
-@click.option("--batch-size", type=int, help="Global batch size, split over replicas.  [default: 5]")
-@click.option("--steps-per-epoch", type=int, help="Steps per epoch.  [default: one pass over the smaller patch set]")
-@click.option("--patch-size", type=int, help="Training patch size in pixels.  [default: 256]")
-@click.option("--stride", type=int, help="Stride of the training patch grid.  [default: 128]")
-@click.option("--strategy", type=click.Choice(STRATEGIES),
-              help="auto: mirror over all GPUs if several; multiworker: cluster from TF_CONFIG.  [default: auto]")
-@click.option("--precision", type=click.Choice(PRECISIONS),
-              help="mixed_bfloat16: bfloat16 compute with float32 weights, several times faster on CPUs with "
-                   "AMX/AVX512-BF16 and on recent GPUs; the saved generator is float32.  [default: float32]")
-@click.option("--seed", type=int, help="Seed for weights, dropout and the patch streams.")
-@click.option("--lr", type=float, help="Adam learning rate.  [default: 1e-4]")
-@click.option("--decay-start-epoch", type=int, help="Decay the learning rate linearly to 0 from this epoch on.")
-@click.option("--gan-loss", type=click.Choice(GAN_LOSSES), help="Adversarial loss.  [default: bce]")
-@click.option("--lambda-rec", type=float, help="Weight of the cycle (self-reconstruction) loss.  [default: 10]")
-@click.option("--lambda-adv", type=float, help="Weight of the adversarial loss.  [default: 1]")
-@click.option("--lambda-identity", type=float, help="Identity loss weight relative to lambda-rec.  [default: 0]")
-@click.option("--pool-size", type=int, help="History of fakes shown to the critics (0: none).  [default: 0]")
-@click.option("--ngf", type=int, help="Generator base filters.  [default: 64]")
-@click.option("--n-blocks", type=int, help="Residual blocks in the generator.  [default: 9]")
-@click.option("--upsample", type=click.Choice(UPSAMPLE_KINDS), help="Generator upsampling.  [default: transpose]")
-@click.option("--dropout-rate", type=float, help="MC dropout rate.  [default: 0.5]")
-@click.option("--dropout-position", type=click.Choice(DROPOUT_POSITIONS), help="Where MC dropout sits.  "
-              "[default: bottleneck]")
-@click.option("--ndf", type=int, help="Critic base filters.  [default: 64]")
-@click.option("--checkpoint-every", type=int, help="Steps between checkpoints.  [default: 100]")
-@click.option("--log-every", type=int, help="Steps between TensorBoard scalars.  [default: 10]")
-@click.option("--image-every", type=int, help="Steps between TensorBoard image panels.  [default: 100]")
+@click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR exactly from its last checkpoint "
+                                             "(settings that would change its course are refused).")
+@click.option("--seed", type=int, help="Seed for weights, dropout and the patch streams.  [default: train.seed "
+                                       f"{_DEFAULTS.train.seed}; data.seed drawn and kept in the checkpoint]")
+@_flag_options
 @user_errors
 def command(lr_dir, hr_dir, run_dir, config_path, resume, **flags):
     """Train the CycleGAN (G_L: LR -> HR) on unpaired LR and HR NIfTI folders.
 
-    Watch it with `tensorboard --logdir RUN_DIR/logs`; a killed run continues with --resume.
+    Watch it with `tensorboard --logdir RUN_DIR/logs`; a killed run continues with
+    `microsr-tf train --out RUN_DIR --resume`.
     """
-    from microsr_tf.config import Config
     from microsr_tf.training.trainer import CONFIG_FILE, train
 
     if config_path is None and resume and os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
         config_path = os.path.join(run_dir, CONFIG_FILE)
-    cfg = Config.load(config_path, overrides_from_flags(flags))
+    cfg = Config.load(config_path)
+    with option_values():
+        cfg = cfg.override(overrides_from_flags(flags), source="command line", unset=True)
     result = train(cfg, lr_dir, hr_dir, run_dir, resume=resume)
-    click.echo(f"Trained {result.steps} steps ({result.epochs} epochs): {result.generator_path}")
+    click.echo(f"Trained {plural(result.steps, 'step')} ({plural(result.epochs, 'epoch')}): {result.generator_path}")
     if result.best_generator_path is not None:
         click.echo(f"Best epoch (mean cycle loss {result.best_cycle_loss:.4f}): {result.best_generator_path}")
+    drawn = [f"{name}.seed {value}" for name, value in result.seeds.items() if getattr(cfg, name).seed is None]
+    if drawn:
+        click.echo(f"Seeds drawn for this run (set them to repeat it): {', '.join(drawn)}")

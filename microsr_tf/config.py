@@ -7,8 +7,10 @@ batch 5, Adam at 1e-4, 50 epochs, lambda_rec = 10, lambda_adv = 1, nine residual
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -21,7 +23,9 @@ DROPOUT_POSITIONS = ("bottleneck", "resblocks", "none")
 UPSAMPLE_KINDS = ("transpose", "resize")
 GAN_LOSSES = ("bce", "lsgan")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
-PRECISIONS = ("float32", "mixed_bfloat16")
+PRECISIONS = ("float32", "mixed_bfloat16")  # training: Keras dtype policies (float32 weights either way)
+INFERENCE_PRECISIONS = ("float32", "bfloat16")  # prediction: convolution precision of the Monte Carlo passes
+MAX_SEED = 2**31 - 1  # every seed ends up in int32 tensors (dropout seed rows, tf.data, stateless ops)
 
 
 @dataclass
@@ -35,7 +39,9 @@ class DataConfig:
     roi_margin: int = 16  # pixels kept around the per-slice bounding box
     axis: int = -1  # slice axis of the input volumes
     shuffle_buffer: int = 512
-    seed: int | None = None  # None: nondeterministic order; an int: reproducible streams
+    seed: int | None = None  # order of the patch streams; None: drawn at the start of a run (and kept on resume)
+    lr_dir: str | None = None  # folder of LR (clinical CT) NIfTI volumes; the run remembers it for --resume
+    hr_dir: str | None = None  # folder of HR (micro-CT) NIfTI volumes
     shards_dir: str | None = None  # stream from `microsr-tf prepare` TFRecord shards instead
 
     def validate(self) -> None:
@@ -51,6 +57,7 @@ class DataConfig:
             raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if not -3 <= self.axis <= 2:
             raise ConfigError(f"data.axis must be 0, 1 or 2 (or -3..-1 from the end), got {self.axis}")
+        _check_seed("data.seed", self.seed)
 
 
 @dataclass
@@ -103,7 +110,7 @@ class TrainConfig:
     image_every: int = 100  # steps between TensorBoard image panels
     n_val_patches: int = 4  # fixed validation patches shown in the image panel
     mc_samples_val: int = 8  # MC dropout samples for the variance map in the panel
-    seed: int = 0
+    seed: int | None = 0  # weights, dropout masks, image pool; None: drawn at the start of a run (and kept)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -132,6 +139,12 @@ class TrainConfig:
         for name in ("checkpoint_every", "log_every", "image_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")
+        _check_seed("train.seed", self.seed)
+
+
+def _check_seed(key: str, seed: int | None) -> None:
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{key} must be in [0, {MAX_SEED}] or null, got {seed}")
 
 
 @dataclass
@@ -157,23 +170,27 @@ class Config:
         cfg = cls()
         return cfg.override(raw, source)
 
-    def override(self, raw: Mapping[str, Any] | None, source: str = "override") -> "Config":
-        """Return a copy with ``raw`` (nested mapping) applied; None values leave defaults alone."""
+    def override(self, raw: Mapping[str, Any] | None, source: str = "override",
+                 unset: bool = False) -> "Config":
+        """Return a validated copy with ``raw`` (nested mapping) applied.
+
+        ``unset=True`` reads a None value as "not given" (flags left out) and skips it; otherwise None
+        sets a nullable key to None and is refused for any other key.
+        """
         new = dataclasses.replace(
             self,
             data=dataclasses.replace(self.data),
             model=dataclasses.replace(self.model),
             train=dataclasses.replace(self.train),
         )
-        if raw is None:
-            return new.validate()
-        new._apply(raw, source)
+        if raw is not None:
+            new._apply(raw, source, unset)
         try:
             return new.validate()
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
-    def _apply(self, raw: Mapping[str, Any], source: str) -> None:
+    def _apply(self, raw: Mapping[str, Any], source: str, unset: bool) -> None:
         """Set the values of nested mapping ``raw`` in place, checking section names, keys and types."""
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
@@ -186,14 +203,14 @@ class Config:
             if not isinstance(values, Mapping):
                 raise ConfigError(f"{source}: section {section!r} must be a mapping")
             target = getattr(self, section)
-            known = {f.name: f for f in dataclasses.fields(target)}
+            types = _field_types(type(target))
             for key, value in values.items():
-                if key not in known:
+                if key not in types:
                     raise ConfigError(
-                        f"{source}: unknown config key {section}.{key} (known: {', '.join(sorted(known))})")
-                if value is None and key not in _NULLABLE:
+                        f"{source}: unknown config key {section}.{key} (known: {', '.join(sorted(types))})")
+                if value is None and unset:
                     continue
-                setattr(target, key, _coerce(value, known[key], f"{section}.{key}", source))
+                setattr(target, key, _coerce(value, *types[key], f"{section}.{key}", source))
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> "Config":
@@ -216,38 +233,47 @@ class Config:
                 cfg = cfg.override(raw or {}, source=os.fspath(path))
             except ConfigError as exc:
                 raise ConfigError(str(exc)) from None
-        return cfg.override(overrides or {}, source="command line")
+        return cfg.override(overrides or {}, source="command line", unset=True)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML, atomically."""
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-# Keys whose explicit `null` in YAML means "None", not "keep the default".
-_NULLABLE = {"roi_threshold", "seed", "shards_dir", "steps_per_epoch", "decay_start_epoch"}
+@functools.cache
+def _field_types(section: type) -> dict[str, tuple[type, bool]]:
+    """``{key: (type, nullable)}`` of a config section, from its resolved annotations."""
+    hints = typing.get_type_hints(section)
+    out = {}
+    for f in dataclasses.fields(section):
+        args = typing.get_args(hints[f.name])
+        kinds = [a for a in args if a is not type(None)] or [hints[f.name]]
+        out[f.name] = (kinds[0], type(None) in args)
+    return out
 
 
-def _coerce(value: Any, fld: dataclasses.Field, key: str, source: str) -> Any:
-    """Check and convert a YAML/flag value to the field's declared type."""
-    kind = fld.type if isinstance(fld.type, str) else getattr(fld.type, "__name__", str(fld.type))
-    if value is None:
+_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerce(value: Any, kind: type, nullable: bool, key: str, source: str) -> Any:
+    """Check and convert a YAML/flag value to the field's declared type (None only where allowed)."""
+    if value is None and nullable:
         return None
     try:
-        if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        if value is None or isinstance(value, bool):
+            raise ValueError
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
-        if kind.startswith("float"):
-            if isinstance(value, bool):
-                raise ValueError
+        if kind is float:
             number = float(value)
             if not math.isfinite(number):
                 raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
             return number
-        if kind.startswith("str"):
-            if not isinstance(value, str):
-                raise ValueError
-            return value
+        if kind is str and not isinstance(value, str):
+            raise ValueError
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {key} must be of type {kind}, got {value!r}") from None
+        expected = _NAMES[kind] + (" or null" if nullable else "")
+        raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}") from None
     return value

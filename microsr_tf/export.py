@@ -27,6 +27,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from .config import MAX_SEED
 from .errors import InputError
 from .files import atomic_directory
 from .models.artifact import check_prediction_meta, generator_file, load_generator, meta_path_for, read_meta
@@ -85,7 +86,7 @@ class _ServingModule(tf.Module):
 
     @tf.function(input_signature=[_IMAGE_SPEC])
     def serve(self, image):
-        seed = self.seed_generator.uniform([], 0, 2**31 - 1, dtype=tf.int32)
+        seed = self.seed_generator.uniform([], 0, MAX_SEED, dtype=tf.int32)
         return self._moments(image, self.default_samples, seed)
 
     @tf.function(input_signature=[_IMAGE_SPEC, tf.TensorSpec([], tf.int32, name="samples"),
@@ -135,7 +136,7 @@ class SavedModelGenerator:
         features = tuple(features)
         if seed is None:
             n = tf.shape(features[0])[0]
-            seed = tf.random.uniform(tf.stack([n, 2]), 0, 2**31 - 1, dtype=tf.int32)
+            seed = tf.random.uniform(tf.stack([n, 2]), 0, MAX_SEED, dtype=tf.int32)
         return self._loaded.suffix(features, seed)
 
     def __call__(self, x, seed=None):

@@ -16,6 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -109,88 +110,156 @@ class TrainingData:
         """One pass over the smaller patch set: ``min(n_lr, n_hr) // batch``, at least 1."""
         return max(1, min(self.n_lr_patches, self.n_hr_patches) // int(global_batch_size))
 
-    def dataset(self, global_batch_size: int,
-                input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
-        """Infinite ``(lr, hr)`` batches of ``[B, p, p, 1]`` float32 in [0, 1].
+    def dataset(self, global_batch_size: int, input_context: tf.distribute.InputContext | None = None,
+                start_step: int = 0) -> tf.data.Dataset:
+        """Infinite ``(lr, hr)`` batches of ``[B, p, p, 1]`` float32 in [0, 1], from step ``start_step`` on.
 
-        With an ``input_context`` (``strategy.distribute_datasets_from_function``) batches are per
-        replica and each input pipeline reads its own share of the data.
+        Batch ``k`` is a pure function of ``cfg.seed`` and ``k`` (see :func:`positioned_patches`), so
+        the stream started at ``start_step`` is exactly the tail of the one started at 0: a resumed
+        run sees the batches it would have seen. ``cfg.seed`` must be set. With an ``input_context``
+        (``strategy.distribute_datasets_from_function``) batches are per replica and each input
+        pipeline reads its own share of the data.
         """
-        batch = int(global_batch_size)
+        if self.cfg.seed is None:
+            raise ValueError("TrainingData.dataset needs cfg.seed (the trainer draws one when data.seed is null)")
+        batch = per_pipeline = int(global_batch_size)
         pipeline, n_pipelines = 0, 1
         if input_context is not None:
-            batch = input_context.get_per_replica_batch_size(batch)
+            batch = input_context.get_per_replica_batch_size(per_pipeline)
             pipeline, n_pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
+            per_pipeline //= n_pipelines
         streams = []
         for stream_id, source in enumerate((self._lr_source, self._hr_source)):
-            seed = _derive_seed(self.cfg.seed, stream_id, pipeline)
-            patches = source.patches(seed, pipeline, n_pipelines)
-            streams.append(patches.shuffle(self.cfg.shuffle_buffer, seed=seed).batch(batch, drop_remainder=True))
+            seed = _derive_seed(self.cfg.seed, stream_id)
+            counts = source.unit_counts
+            start = int(start_step) * per_pipeline
+            if n_pipelines > 1 and len(counts) >= n_pipelines:  # each pipeline reads its own units
+                units = np.arange(pipeline, len(counts), n_pipelines)
+                patches = positioned_patches(counts[units], lambda u, o, units=units, source=source:
+                                             source.load(units[u], o), _derive_seed(seed, pipeline), start,
+                                             self.cfg.shuffle_buffer, self.patch_size)
+            else:  # one stream, each pipeline taking every n-th patch of it
+                patches = positioned_patches(counts, source.load, seed, start * n_pipelines + pipeline,
+                                             self.cfg.shuffle_buffer, self.patch_size)
+                patches = patches.shard(n_pipelines, 0)
+            streams.append(patches.batch(batch, drop_remainder=True))
         ds = tf.data.Dataset.zip(tuple(streams)).prefetch(tf.data.AUTOTUNE)
         options = tf.data.Options()
-        options.deterministic = self.cfg.seed is not None
+        options.deterministic = True
         return ds.with_options(options)
 
 
-def _derive_seed(seed: int | None, stream: int, pipeline: int) -> int | None:
-    """Independent, reproducible seeds for each stream and input pipeline (None stays None)."""
-    if seed is None:
-        return None
-    return int(np.random.SeedSequence([seed, stream, pipeline]).generate_state(1)[0] & 0x7FFFFFFF)
+def _derive_seed(seed: int, *salt: int) -> int:
+    """Independent, reproducible 31-bit seeds for each stream and input pipeline."""
+    return int(np.random.SeedSequence([seed, *salt]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _order(n_units: int, seed: int, rep) -> tf.Tensor:
+    """The order of the units in repetition ``rep`` of a stream: a stateless permutation of ``seed, rep``."""
+    return tf.random.experimental.stateless_shuffle(tf.range(n_units, dtype=tf.int64),
+                                                    seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(rep, tf.int64)]))
+
+
+def positioned_patches(counts: np.ndarray, load: Callable[[int, int], np.ndarray], seed: int, start: int,
+                       window: int, patch: int) -> tf.data.Dataset:
+    """An infinite stream of ``[p, p, 1]`` patches whose element ``i`` depends only on ``seed`` and ``i``,
+    started at element ``start`` without reading what comes before it.
+
+    The data come in units (an indexed slice, a run of shard records) of ``counts[u]`` patches, read by
+    ``load(u, offset) -> patches[offset:]``. Repetition ``r`` of the data visits every unit once, in a
+    stateless permutation of ``(seed, r)``; the concatenated patches are then shuffled within fixed
+    windows of ``window`` consecutive positions (window ``w`` by a permutation of ``(seed, w)``), which
+    plays the part of a shuffle buffer. Starting elsewhere only needs the permutation of the
+    repetition that holds the start, so a resumed run costs one unit read, not a replay of the stream.
+    """
+    counts = np.asarray(counts, np.int64)
+    n_units, total = len(counts), int(counts.sum())
+    window = max(1, int(window))
+    first = start // window * window  # the shuffled window holding `start` begins here
+    rep, within = divmod(first, total)
+    ends = np.cumsum(counts[_order(n_units, seed, rep).numpy()])
+    unit = int(np.searchsorted(ends, within, side="right"))
+    offset = within - (int(ends[unit - 1]) if unit else 0)
+
+    units = (tf.data.Dataset.range(rep, np.iinfo(np.int64).max)
+             .flat_map(lambda r: tf.data.Dataset.from_tensor_slices(_order(n_units, seed, r)))
+             .skip(unit).enumerate())
+
+    def read(i, u):
+        out = tf.numpy_function(lambda u_, o_: load(int(u_), int(o_)), [u, tf.where(i == 0, offset, 0)],
+                                tf.float32, stateful=False)
+        return tf.ensure_shape(out, [None, patch, patch, 1])
+
+    ds = units.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+    if window > 1:
+        shuffle_seed = _derive_seed(seed, 1)
+
+        def shuffle(w, batch):
+            key = tf.stack([tf.constant(shuffle_seed, tf.int64), w])
+            return tf.random.experimental.stateless_shuffle(batch, seed=key)
+
+        ds = ds.batch(window).enumerate(start=first // window).map(shuffle).unbatch()
+    return ds.skip(start - first)
 
 
 class _NiftiSource:
-    """A repeated, unbatched stream of ``[p, p, 1]`` patches read from NIfTI slices, parallel over slices."""
+    """Patches read from NIfTI slices; a unit is one indexed slice."""
 
     def __init__(self, domain: _Domain):
         self.domain = domain
+        self.unit_counts = np.diff(domain.offsets)
 
-    def patches(self, seed: int | None, pipeline: int, n_pipelines: int) -> tf.data.Dataset:
-        dom = self.domain
-        n_slices = len(dom.slice_ks)
-        deterministic = seed is not None
-        ds = tf.data.Dataset.range(n_slices)
-        by_slice = n_slices >= n_pipelines
-        if by_slice and n_pipelines > 1:
-            ds = ds.shard(n_pipelines, pipeline)
-        ds = ds.shuffle(n_slices, seed=seed, reshuffle_each_iteration=True).repeat()
-        p = dom.patch
-
-        def load(s):
-            out = tf.numpy_function(dom.slice_patches, [s], tf.float32, stateful=False)
-            return tf.ensure_shape(out, [None, p, p, 1])
-
-        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic).unbatch()
-        if not by_slice:
-            ds = ds.shard(n_pipelines, pipeline)
-        return ds
+    def load(self, unit: int, offset: int) -> np.ndarray:
+        return self.domain.slice_patches(unit)[offset:]
 
 
 class _ShardSource:
-    """A repeated, unbatched stream of ``[p, p, 1]`` patches from TFRecord shards, interleaved over files."""
+    """Patches read from the TFRecord shards of ``prepare`` by position: every record has the same
+    length, so record ``k`` of a file starts at byte ``k * (16 + patch bytes)`` (TFRecord framing: an
+    8-byte length and a 4-byte CRC before the data, a 4-byte CRC after it). A unit is a run of at
+    most ``UNIT`` consecutive records of one file."""
 
-    def __init__(self, files: list[Path], patch: int, dtype: str):
+    UNIT = 32
+
+    def __init__(self, files: list[Path], counts: list[int], patch: int, dtype: str):
         self.files = [os.fspath(f) for f in files]
         self.patch = patch
-        self.dtype = dtype
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.record = patch * patch * self.dtype.itemsize
+        for path, count in zip(self.files, counts):
+            size = os.path.getsize(path)
+            if size != count * (self.record + 16):
+                raise InputError(path, f"holds {size} bytes, but index.json lists {count} records of "
+                                       f"{self.record} bytes ({count * (self.record + 16)} bytes); the shard is "
+                                       "damaged or was not written by `microsr-tf prepare`")
+        units = [(f, k, min(self.UNIT, count - k)) for f, count in enumerate(counts)
+                 for k in range(0, count, self.UNIT)]
+        self.units = np.asarray(units, np.int64).reshape(-1, 3)
+        self.unit_counts = self.units[:, 2]
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
 
-    def decode(self, record: tf.Tensor) -> tf.Tensor:
-        raw = tf.io.decode_raw(record, tf.dtypes.as_dtype(self.dtype), little_endian=True)
-        patch = tf.reshape(tf.cast(raw, tf.float32), [self.patch, self.patch, 1])
-        return patch / 65535.0 if self.dtype == "uint16" else patch
+    def read(self, file: int, first: int, n: int) -> np.ndarray:
+        """``[n, p, p, 1]`` float32 patches: records ``first .. first + n`` of shard ``file``."""
+        stride = self.record + 16
+        with open(self.files[file], "rb") as fh:
+            fh.seek(first * stride)
+            raw = np.frombuffer(fh.read(n * stride), np.uint8).reshape(n, stride)[:, 12:12 + self.record]
+        patches = np.ascontiguousarray(raw).view(self.dtype).astype(np.float32)
+        if self.dtype.kind == "u":
+            patches /= 65535.0
+        return patches.reshape(n, self.patch, self.patch, 1)
 
-    def patches(self, seed: int | None, pipeline: int, n_pipelines: int) -> tf.data.Dataset:
-        deterministic = seed is not None
-        files = tf.data.Dataset.from_tensor_slices(self.files)
-        by_file = len(self.files) >= n_pipelines
-        if by_file and n_pipelines > 1:
-            files = files.shard(n_pipelines, pipeline)
-        files = files.shuffle(len(self.files), seed=seed, reshuffle_each_iteration=True).repeat()
-        ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(self.files), 8), block_length=1,
-                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-        if not by_file:
-            ds = ds.shard(n_pipelines, pipeline)
-        return ds.map(self.decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    def load(self, unit: int, offset: int) -> np.ndarray:
+        file, first, n = (int(v) for v in self.units[unit])
+        return self.read(file, first + offset, n - offset)
+
+    def by_position(self, positions: np.ndarray) -> np.ndarray:
+        """Patches at global positions (index order)."""
+        out = [np.zeros((0, self.patch, self.patch, 1), np.float32)]
+        for pos in positions:
+            file = int(np.searchsorted(self.starts, pos, side="right") - 1)
+            out.append(self.read(file, int(pos - self.starts[file]), 1))
+        return np.concatenate(out)
 
 
 # ---------------------------------------------------------------------------------------------- index
@@ -409,10 +478,9 @@ def _shard_training_data(shards_dir: Path, cfg: DataConfig, n_val: int) -> Train
     sources, val = {}, {}
     for domain in ("lr", "hr"):
         entries = index["shards"][domain]
-        source = _ShardSource([shards_dir / e["file"] for e in entries], p, dtype)
+        source = _ShardSource([shards_dir / e["file"] for e in entries], [e["count"] for e in entries], p, dtype)
         sources[domain] = source
-        val[domain] = _shard_patches_by_position(source, [e["count"] for e in entries],
-                                                 _val_positions(index["counts"][domain], n_val))
+        val[domain] = source.by_position(_val_positions(index["counts"][domain], n_val))
     return TrainingData(
         lr_files=[Path(f) for f in index["lr_files"]], hr_files=[Path(f) for f in index["hr_files"]],
         lr_spacing=tuple(index["lr_spacing"]), hr_spacing=tuple(index["hr_spacing"]),
@@ -420,14 +488,3 @@ def _shard_training_data(shards_dir: Path, cfg: DataConfig, n_val: int) -> Train
         n_lr_patches=int(index["counts"]["lr"]), n_hr_patches=int(index["counts"]["hr"]),
         val_lr=val["lr"], val_hr=val["hr"], patch_size=p, cfg=cfg,
         _lr_source=sources["lr"], _hr_source=sources["hr"])
-
-
-def _shard_patches_by_position(source: _ShardSource, counts: list[int], positions: np.ndarray) -> np.ndarray:
-    """Read the patches at global positions (index order) from the shard files."""
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    out = [np.zeros((0, source.patch, source.patch, 1), np.float32)]
-    for pos in positions:
-        shard = int(np.searchsorted(starts, pos, side="right") - 1)
-        record = tf.data.TFRecordDataset(source.files[shard]).skip(int(pos - starts[shard])).take(1)
-        out.extend(source.decode(r).numpy()[None] for r in record)
-    return np.concatenate(out)

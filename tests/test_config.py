@@ -39,8 +39,16 @@ def test_save_round_trip(tmp_path):
         ({"optim": {}}, "unknown config section 'optim'"),
         ({"data": {"patch_size": 30}}, "multiple of 4"),
         ({"model": {"dropout_position": "everywhere"}}, "dropout_position"),
-        ({"train": {"batch_size": "five"}}, "train.batch_size must be of type int"),
-        ({"train": {"epochs": 2.5}}, "train.epochs must be of type int"),
+        ({"train": {"batch_size": "five"}}, "train.batch_size must be an integer, got 'five'"),
+        ({"train": {"epochs": 2.5}}, "train.epochs must be an integer, got 2.5"),
+        ({"train": {"epochs": None}}, "train.epochs must be an integer, got None"),
+        ({"train": {"epochs": True}}, "train.epochs must be an integer, got True"),
+        ({"train": {"lambda_rec": "ten"}}, "train.lambda_rec must be a number, got 'ten'"),
+        ({"model": {"upsample": 3}}, "model.upsample must be a string, got 3"),
+        ({"data": {"shards_dir": 5}}, "data.shards_dir must be a string or null, got 5"),
+        ({"data": {"seed": 1.5}}, "data.seed must be an integer or null, got 1.5"),
+        ({"train": {"seed": -1}}, "bad.yaml: train.seed must be in [0, 2147483647] or null, got -1"),
+        ({"data": {"seed": 2**31}}, "bad.yaml: data.seed must be in [0, 2147483647] or null, got 2147483648"),
         ({"train": {"learning_rate": float("nan")}}, "train.learning_rate must be a finite number"),
         ({"data": {"min_foreground": float("inf")}}, "data.min_foreground must be a finite number"),
         ({"data": {"axis": 7}}, "bad.yaml: data.axis must be 0, 1 or 2"),
@@ -83,3 +91,14 @@ def test_unreadable_config_files_are_input_errors(tmp_path):
 def test_flag_values_are_checked_as_from_the_command_line():
     with pytest.raises(ConfigError, match="^command line: train.learning_rate must be a finite number"):
         Config.load(None, {"train": {"learning_rate": float("nan")}})
+
+
+def test_nullable_keys_come_from_the_annotations(tmp_path):
+    """`int | None` keys take null; a seed of null means "draw one at the start of the run"."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  seed: null\n  steps_per_epoch: null\n  decay_start_epoch: 3\n"
+                    "data:\n  seed: null\n  roi_threshold: 12\n  lr_dir: scans/lr\n")
+    cfg = Config.load(path)
+    assert cfg.train.seed is None and cfg.data.seed is None and cfg.train.steps_per_epoch is None
+    assert cfg.train.decay_start_epoch == 3 and cfg.data.lr_dir == "scans/lr"
+    assert cfg.data.roi_threshold == 12.0 and isinstance(cfg.data.roi_threshold, float)

@@ -18,10 +18,10 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from microsr_tf.config import MAX_SEED
 from microsr_tf.errors import ConfigError, InputError
 from microsr_tf.models.generator import with_precision
 
-_MAX_SEED = 2**31 - 1  # seed rows are int32
 _LIVE_FACTOR = 3  # live activations of a conv stack ~ input + output + one skip of the largest tensor
 
 
@@ -110,9 +110,9 @@ def _check_images(x) -> np.ndarray:
 def resolve_seed(seed: int | None) -> int:
     """A valid int32 Monte Carlo seed: ``seed`` checked, or a random one when it is ``None``."""
     if seed is None:
-        return int(np.random.default_rng().integers(0, _MAX_SEED))
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= _MAX_SEED:
-        raise ConfigError(f"Monte Carlo seed must be an integer in [0, {_MAX_SEED}], got {seed!r}")
+        return int(np.random.default_rng().integers(0, MAX_SEED))
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"Monte Carlo seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     return int(seed)
 
 

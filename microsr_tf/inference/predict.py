@@ -18,17 +18,16 @@ from typing import Any, Callable, Mapping, Sequence
 import cv2
 import numpy as np
 
+from ..config import INFERENCE_PRECISIONS, MAX_SEED
 from ..errors import ConfigError, InputError
 from ..files import atomic_write_bytes
 from ..preprocessing import IntensityStats, check_coarser, resample_slice, volume_stats
 from ..volumes import (Volume, VolumeWriter, make_output_dir, nifti_stem, open_volume, resampled_affine,
                        resampled_shape)
-from ..models.generator import PRECISIONS
 from .mc import MCResult, MonteCarloPredictor
 from .stitching import MODES as STITCH_MODES
 from .stitching import predict_slice
 
-MAX_SEED = 2**31 - 1  # dropout seed rows are int32
 FACTOR_TOLERANCE = 0.05  # relative mismatch allowed between the input's and the model's scale factors
 
 META_KEYS = ("hr_spacing", "factors", "hr_stats")  # what prediction reads from the model's metadata
@@ -243,8 +242,8 @@ def check_options(samples: int = 100, seed: int | None = None, stitch: str = "bl
     for q in percentiles:
         if not 0.0 <= q <= 100.0:
             raise ConfigError(f"percentiles must be in [0, 100], got {q}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
 
 
 def preview_image(lr_up: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:

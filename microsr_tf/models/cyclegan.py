@@ -14,6 +14,11 @@ loss, and bfloat16's float32 exponent range needs no loss scaling.
 Losses are reduced per example and then scaled with ``tf.nn.compute_average_loss`` over the
 *global* batch; Keras optimizers sum gradients over replicas, so a step under a distribution
 strategy makes the same update as one device on the whole batch.
+
+Randomness (dropout masks, image-pool draws) is a pure function of the run's seed, the step counter
+and the example's place in the global batch (:func:`step_seed_rows`). Nothing depends on a random
+state carried from step to step, so a run restored from a checkpoint (which holds the step counter)
+draws exactly what it would have drawn without the interruption, on any number of replicas.
 """
 
 from __future__ import annotations
@@ -62,11 +67,28 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, name: str) -> keras.o
     return keras.optimizers.Adam(learning_rate=rate, beta_1=cfg.beta_1, name=name)
 
 
+N_GENERATOR_PASSES = 6  # dropout seed rows per step: G_L(x), G_H(y), the two cycle passes, two identity passes
+
+
+def step_seed_rows(seed: int, step: tf.Tensor, count: int, global_batch: tf.Tensor, first: tf.Tensor,
+                   batch: tf.Tensor) -> tf.Tensor:
+    """``[count, batch, 2]`` int32 dropout seed rows for global-batch examples ``first .. first + batch``
+    at training step ``step``.
+
+    The rows of the whole global batch are drawn statelessly from ``(seed, step)`` and each replica
+    takes its own slice, so they depend neither on the number of replicas nor on earlier steps.
+    """
+    key = tf.stack([tf.constant(seed, tf.int64), tf.cast(step, tf.int64)])
+    rows = tf.random.stateless_uniform(tf.stack([count, global_batch, 2]), seed=key, minval=None, maxval=None,
+                                       dtype=tf.int32)
+    return rows[:, first:first + batch]
+
+
 class ImagePool(tf.Module):
     """History of generated images for a critic (CycleGAN's pool; Shrivastava et al. 2017).
 
-    While filling, fakes go in and come back unchanged; once full, each fake is, with probability
-    1/2, swapped for a random stored one (which it replaces), else passed through. The buffer lives
+    While filling, fakes go in and come back unchanged; once full, each fake is swapped for a random
+    stored one (which it replaces) where its ``coin`` is below 1/2, else passed through. The buffer lives
     in ON_READ variables: under a distribution strategy every replica keeps and updates its own
     history inside the compiled step, with no cross-replica traffic. Checkpoints keep the first
     replica's history.
@@ -82,16 +104,19 @@ class ImagePool(tf.Module):
         self.images = tf.Variable(tf.zeros((self.size + 1, *image_shape)), name="images", **local)
         self.count = tf.Variable(0, dtype=tf.int32, name="count", **local)
 
-    def query(self, fakes: tf.Tensor) -> tf.Tensor:
-        """Images to show the critic in place of ``fakes`` (same shape); updates the pool."""
+    def query(self, fakes: tf.Tensor, coin: tf.Tensor, pick: tf.Tensor) -> tf.Tensor:
+        """Images to show the critic in place of ``fakes`` (same shape); updates the pool.
+
+        ``coin`` (``[B]`` uniform in [0, 1)) and ``pick`` (``[B]`` ints in [0, size)) are the random
+        draws: swap where ``coin < 0.5``, with stored image ``pick``.
+        """
         batch = tf.shape(fakes)[0]
         filled = tf.identity(self.count)
         buffer = tf.identity(self.images)
         position = filled + tf.range(batch)
         filling = position < self.size
         # swap only once the pool was full before this batch, so a swap never reads an empty slot
-        swap = tf.logical_and(filled >= self.size, tf.random.uniform([batch]) < 0.5)
-        pick = tf.random.uniform([batch], 0, self.size, dtype=tf.int32)
+        swap = tf.logical_and(filled >= self.size, coin < 0.5)
         out = tf.where(swap[:, None, None, None], tf.gather(buffer, pick), fakes)
         target = tf.where(filling, position, tf.where(swap, pick, self.size))
         self.images.assign(tf.tensor_scatter_nd_update(buffer, target[:, None], fakes))
@@ -146,9 +171,10 @@ class CycleGAN(keras.Model):
     """
 
     def __init__(self, g_l: keras.Model, g_h: keras.Model, d_l: keras.Model, d_h: keras.Model,
-                 train_cfg: TrainConfig, patch_size: int, **kwargs):
+                 train_cfg: TrainConfig, patch_size: int, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.g_l, self.g_h, self.d_l, self.d_h = g_l, g_h, d_l, d_h
+        self.seed = int(seed)  # with the step counter, the source of every random draw of a step
         self.lambda_rec = float(train_cfg.lambda_rec)
         self.lambda_adv = float(train_cfg.lambda_adv)
         self.lambda_identity = float(train_cfg.lambda_identity)
@@ -210,29 +236,35 @@ class CycleGAN(keras.Model):
         x, y = tf.convert_to_tensor(lr, tf.float32), tf.convert_to_tensor(hr, tf.float32)
         ctx = tf.distribute.get_replica_context()
         replicas = ctx.num_replicas_in_sync if ctx is not None else 1
-        global_batch = tf.shape(x)[0] * replicas
+        replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+        batch = tf.shape(x)[0]
+        global_batch = batch * replicas
+        first = tf.cast(replica, tf.int32) * batch  # this replica's examples in the global batch
+        step = self.optimizer.iterations  # read before this step's update increments it
+        rows = step_seed_rows(self.seed, step, N_GENERATOR_PASSES, global_batch, first, batch)
 
         # One persistent tape, two gradient calls (generators, critics). Without a pool the critics'
         # logits on the fakes serve both losses; the critic gradient never reaches the generators.
         with tf.GradientTape(persistent=True) as tape:
-            fake_hr = _float32(self.g_l(x))
-            fake_lr = _float32(self.g_h(y))
-            cycle = (_per_example_mean(tf.abs(x - _float32(self.g_h(fake_hr))))
-                     + _per_example_mean(tf.abs(y - _float32(self.g_l(fake_lr)))))
+            fake_hr = _float32(self.g_l(x, seed=rows[0]))
+            fake_lr = _float32(self.g_h(y, seed=rows[1]))
+            cycle = (_per_example_mean(tf.abs(x - _float32(self.g_h(fake_hr, seed=rows[2]))))
+                     + _per_example_mean(tf.abs(y - _float32(self.g_l(fake_lr, seed=rows[3])))))
             judged_hr, judged_lr = self.d_h(fake_hr), self.d_l(fake_lr)
             adv = self._adversarial(judged_hr, True) + self._adversarial(judged_lr, True)
             g_total = self.lambda_adv * adv + self.lambda_rec * cycle
             losses = {"cycle_loss": cycle, "adv_loss": adv}
             if self.lambda_identity > 0:
-                identity = (_per_example_mean(tf.abs(_float32(self.g_l(y)) - y))
-                            + _per_example_mean(tf.abs(_float32(self.g_h(x)) - x)))
+                identity = (_per_example_mean(tf.abs(_float32(self.g_l(y, seed=rows[4])) - y))
+                            + _per_example_mean(tf.abs(_float32(self.g_h(x, seed=rows[5])) - x)))
                 g_total += self.lambda_rec * self.lambda_identity * identity
                 losses["identity_loss"] = identity
             g_scaled = tf.nn.compute_average_loss(g_total, global_batch_size=global_batch)
 
             if self.pool_h is not None:
-                judged_hr = self.d_h(self.pool_h.query(tf.stop_gradient(fake_hr)))
-                judged_lr = self.d_l(self.pool_l.query(tf.stop_gradient(fake_lr)))
+                coins, picks = self._pool_draws(step, global_batch, first, batch)
+                judged_hr = self.d_h(self.pool_h.query(tf.stop_gradient(fake_hr), coins[0], picks[0]))
+                judged_lr = self.d_l(self.pool_l.query(tf.stop_gradient(fake_lr), coins[1], picks[1]))
             d_h = 0.5 * (self._adversarial(self.d_h(y), True) + self._adversarial(judged_hr, False))
             d_l = 0.5 * (self._adversarial(self.d_l(x), True) + self._adversarial(judged_lr, False))
             d_total = d_h + d_l
@@ -244,6 +276,16 @@ class CycleGAN(keras.Model):
         self.optimizer.apply_gradients(zip(g_grads, g_vars))
         self.d_optimizer.apply_gradients(zip(d_grads, d_vars))
         return {"g_loss": g_total, "d_loss": d_total, "d_l_loss": d_l, "d_h_loss": d_h, **losses}
+
+    def _pool_draws(self, step, global_batch, first, batch) -> tuple[tf.Tensor, tf.Tensor]:
+        """``[2, batch]`` swap coins and stored-image picks for the two pools, drawn like the seed rows."""
+        key = tf.random.experimental.stateless_fold_in(
+            tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)]), 1)
+        shape = tf.stack([2, global_batch])
+        coins = tf.random.stateless_uniform(shape, seed=key)
+        picks = tf.random.stateless_uniform(shape, seed=tf.random.experimental.stateless_fold_in(key, 1),
+                                            minval=0, maxval=self.pool_h.size, dtype=tf.int32)
+        return coins[:, first:first + batch], picks[:, first:first + batch]
 
     def train_step(self, data):
         """Keras ``fit`` step: :meth:`step`, then epoch means (trackers) and this step's means."""
@@ -257,9 +299,10 @@ class CycleGAN(keras.Model):
         return logs
 
 
-def build_cyclegan(model_cfg: ModelConfig, train_cfg: TrainConfig, patch_size: int) -> CycleGAN:
+def build_cyclegan(model_cfg: ModelConfig, train_cfg: TrainConfig, patch_size: int, seed: int | None = None
+                   ) -> CycleGAN:
     """Networks from ``model_cfg`` in ``train_cfg.precision``; call inside the strategy scope (and then
-    ``compile``)."""
+    ``compile``). ``seed`` drives the step's random draws (default ``train_cfg.seed``, else 0)."""
 
     def generator(name: str) -> keras.Model:
         return ResnetGenerator(model_cfg.ngf, model_cfg.n_blocks, model_cfg.upsample,
@@ -271,4 +314,5 @@ def build_cyclegan(model_cfg: ModelConfig, train_cfg: TrainConfig, patch_size: i
     policy = "mixed_bfloat16" if train_cfg.precision == "mixed_bfloat16" else "float32"
     with dtype_policy(policy):
         nets = generator("g_l"), generator("g_h"), critic("d_l"), critic("d_h")
-    return CycleGAN(*nets, train_cfg, patch_size, name="cyclegan")
+    seed = train_cfg.seed if seed is None else seed
+    return CycleGAN(*nets, train_cfg, patch_size, seed=seed or 0, name="cyclegan")

@@ -14,13 +14,10 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from microsr_tf.config import DROPOUT_POSITIONS, UPSAMPLE_KINDS
+from microsr_tf.config import DROPOUT_POSITIONS, INFERENCE_PRECISIONS, UPSAMPLE_KINDS
 from microsr_tf.errors import ConfigError
 from microsr_tf.models.layers import (MCDropout, ReflectionPadding2D, SubPixelResizeConv2D, fused_instance_norm,
                                      instance_norm, is_instance_norm, is_one_channel_conv, reflect_conv_one_channel)
-
-
-PRECISIONS = ("float32", "bfloat16")
 
 
 def with_precision(generator: ResnetGenerator, precision: str = "float32") -> ResnetGenerator:
@@ -30,8 +27,8 @@ def with_precision(generator: ResnetGenerator, precision: str = "float32") -> Re
     float32 (the fused kernels compute in float32). CPUs with bfloat16 matrix units (AMX, AVX512-BF16)
     run those convolutions several times faster; outputs move by about 1e-3.
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"precision must be one of {INFERENCE_PRECISIONS}, got {precision!r}")
     if precision == "float32":
         return generator
     if not isinstance(generator, keras.Model):

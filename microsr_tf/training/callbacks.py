@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import time
 from typing import Callable
 
 import keras
@@ -133,21 +135,58 @@ class TensorBoardLogger(keras.callbacks.Callback):
 
 
 class ProgressBar(keras.callbacks.Callback):
-    """A Keras progress bar per epoch (with ETA) showing the epoch-mean losses."""
+    """Progress of the run on stdout, counted in global steps so a resumed run continues its numbers.
 
-    def __init__(self, epochs: int, shown: tuple[str, ...] = ("g_loss", "d_loss", "cycle_loss")):
+    On a terminal: ``Epoch k/N`` and a Keras progress bar per epoch with the epoch-mean losses. When
+    stdout is redirected (a log file, a batch scheduler): the same ``Epoch k/N`` lines and one plain
+    line every ``every`` steps and at each epoch end -- no ANSI codes, carriage returns or
+    backspaces -- with the global step, losses, speed and time left.
+    """
+
+    def __init__(self, epochs: int, steps_per_epoch: int, every: int,
+                 shown: tuple[str, ...] = ("g_loss", "d_loss", "cycle_loss"), stream=None):
         super().__init__()
-        self.epochs = int(epochs)
+        self.epochs, self.steps_per_epoch, self.every = int(epochs), int(steps_per_epoch), int(every)
         self.shown = shown
+        self.stream = stream if stream is not None else sys.stdout
+        self.terminal = self.stream.isatty()
         self._bar: keras.utils.Progbar | None = None
+        self._clock: tuple[float, int] | None = None  # (time, step) when this invocation started stepping
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
 
     def on_epoch_begin(self, epoch, logs=None):
-        print(f"Epoch {epoch + 1}/{self.epochs}", flush=True)
-        self._bar = keras.utils.Progbar(self.params.get("steps"), stateful_metrics=self.shown)
+        self._say(f"Epoch {epoch + 1}/{self.epochs}")
+        if self.terminal:
+            self._bar = keras.utils.Progbar(self.steps_per_epoch, stateful_metrics=self.shown)
 
     def on_train_batch_end(self, batch, logs=None):
-        values = [(k, v) for k, v in epoch_means(logs).items() if k in self.shown]
-        self._bar.update(batch + 1, values=values)
+        step = global_step(self.model)
+        if self._clock is None:  # the first step includes tracing: time the rest
+            self._clock = (time.monotonic(), step)
+        values = [(k, float(v)) for k, v in epoch_means(logs).items() if k in self.shown]
+        in_epoch = step - (math.ceil(step / self.steps_per_epoch) - 1) * self.steps_per_epoch
+        if self.terminal:
+            self._bar.update(in_epoch, values=values)
+        elif step % self.every == 0 or in_epoch == self.steps_per_epoch:
+            self._say(self._line(step, values))
+
+    def _line(self, step: int, values: list[tuple[str, float]]) -> str:
+        total = self.epochs * self.steps_per_epoch
+        parts = [f"  step {step}/{total}"] + [f"{k} {v:.4f}" for k, v in values]
+        start_time, start_step = self._clock
+        elapsed = time.monotonic() - start_time
+        if step > start_step and elapsed > 0:
+            rate = (step - start_step) / elapsed
+            parts += [f"{rate:.3g} steps/s", f"{_duration((total - step) / rate)} left"]
+        return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def summary_writer(logdir: str | os.PathLike) -> tf.summary.SummaryWriter:

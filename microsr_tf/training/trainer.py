@@ -2,12 +2,21 @@
 
 Layout of ``RUN_DIR``::
 
-    config.yaml            the resolved configuration of the run
+    config.yaml            the resolved configuration of the run, data folders included (absolute)
     logs/                  TensorBoard: step and epoch losses, learning rate, image panels
-    checkpoints/           full training state (weights, both optimizers, step counter, best loss)
+    checkpoints/           full training state: weights, both optimizers (step counter, learning-rate
+                           schedule), best loss, image pools, and the run's fixed facts (seeds actually
+                           used, steps per epoch, patch counts)
     generator.keras        G_L at the end of training (+ generator.meta.json), float32 whatever
                            train.precision was
     generator_best.keras   G_L after the epoch with the lowest mean cycle loss (+ .meta.json)
+
+Resume is exact: every random draw of a step is a function of the seed and the step counter (see
+:mod:`microsr_tf.models.cyclegan`) and the patch stream is a function of the seed and the position
+(see :func:`microsr_tf.pipeline.positioned_patches`), so a run killed and resumed from its
+checkpoint at step k reaches the weights a straight run reaches, to float rounding. Settings that
+would change that trajectory are refused by name on resume; those in :data:`RESUME_MAY_CHANGE` are
+allowed.
 
 Everything that can be checked is checked before ``RUN_DIR`` is created, and a run that fails
 before its first checkpoint removes the directory it created.
@@ -23,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 import yaml
 
-from microsr_tf.config import Config
+from microsr_tf.config import MAX_SEED, Config
 from microsr_tf.errors import ConfigError, InputError, MicrosrError
 from microsr_tf.models.artifact import save_generator
 from microsr_tf.models.cyclegan import CycleGAN, build_cyclegan, float32_generator, make_optimizer
@@ -42,6 +52,18 @@ LOG_DIR = "logs"
 GENERATOR_FILE = "generator.keras"
 BEST_GENERATOR_FILE = "generator_best.keras"
 KEEP_CHECKPOINTS = 3
+
+# Settings a resumed run may change. They leave the weights a straight run would reach unchanged,
+# except that precision changes the arithmetic of later steps and strategy the summation order (and,
+# with an image pool, each replica's pool restarts from the first replica's).
+RESUME_MAY_CHANGE = frozenset({
+    "data.lr_dir", "data.hr_dir", "data.shards_dir",  # the data may move; its patch counts are checked
+    "data.seed", "train.seed",  # null means "the seed this run drew"; an int must equal it
+    "train.epochs",  # refused once the learning rate has started its decay towards the last epoch
+    "train.strategy", "train.precision", "train.checkpoint_every", "train.log_every", "train.image_every",
+    "train.n_val_patches", "train.mc_samples_val",
+})
+RUN_FACTS = ("train_seed", "data_seed", "steps_per_epoch", "lr_patches", "hr_patches")
 
 
 class TrainingDiverged(MicrosrError):
@@ -59,6 +81,35 @@ class TrainResult:
     epochs: int
     history: list[dict[str, float]]  # epoch means of this invocation: {"epoch", "step", "<loss>": ...}
     best_cycle_loss: float
+    seeds: dict[str, int]  # {"train": ..., "data": ...}: the seeds used, drawn where the config had null
+
+
+class RunFacts(tf.Module):
+    """What is fixed at the start of a run and kept in every checkpoint (:data:`RUN_FACTS`): the seeds
+    actually used, steps per epoch and the two patch counts. A resume checks the data against them."""
+
+    def __init__(self, **values: int):
+        super().__init__(name="run_facts")
+        for name in RUN_FACTS:
+            setattr(self, name, tf.Variable(int(values.get(name, -1)), dtype=tf.int64, trainable=False, name=name))
+
+    def values(self) -> dict[str, int]:
+        return {name: int(getattr(self, name).numpy()) for name in RUN_FACTS}
+
+
+def read_run_facts(path: str) -> dict[str, int]:
+    """The :class:`RunFacts` stored in checkpoint ``path``."""
+    facts = RunFacts()
+    try:
+        status = tf.train.Checkpoint(run_facts=facts).restore(path)
+        status.assert_existing_objects_matched()
+    except (tf.errors.OpError, ValueError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(path, f"cannot read this checkpoint ({first})") from None
+    except AssertionError:
+        raise InputError(path, "this checkpoint does not record its run's seeds and data (written by an older "
+                               "microsr-tf); it cannot be resumed exactly, start a new run") from None
+    return facts.values()
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
@@ -80,14 +131,16 @@ def generator_meta(cfg: Config, data: TrainingData) -> dict:
     }
 
 
-def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
-    """A fresh run needs an absent or empty directory; a resumed one a checkpoint of the same model."""
+def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> tuple[Config, dict[str, int]] | None:
+    """A fresh run needs an absent or empty directory; a resumed one a checkpoint and the same settings,
+    but for :data:`RESUME_MAY_CHANGE`. Returns the saved config and the checkpoint's :class:`RunFacts`
+    values on resume."""
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(run_dir, "exists and is not a directory; choose a run directory")
     if not resume:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise InputError(run_dir, "is not empty; pass --resume to continue its run or choose a new directory")
-        return
+        return None
     if not run_dir.is_dir() or latest_checkpoint(run_dir) is None:
         raise InputError(run_dir, "has no checkpoint to resume from")
     saved_path = run_dir / CONFIG_FILE
@@ -96,11 +149,65 @@ def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> None:
             saved = Config.from_dict(yaml.safe_load(fh) or {}, source=str(saved_path))
     except FileNotFoundError:
         raise InputError(saved_path, "missing; cannot check the resumed run's settings") from None
-    for section, key in [("model", f.name) for f in dataclasses.fields(cfg.model)] + [("data", "patch_size")]:
-        old, new = getattr(getattr(saved, section), key), getattr(getattr(cfg, section), key)
-        if old != new:
-            raise ConfigError(f"{saved_path}: {section}.{key} was {old!r} in the checkpointed run, "
-                              f"cannot resume with {new!r}")
+    for section in ("data", "model", "train"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            key = f"{section}.{f.name}"
+            old, new = getattr(getattr(saved, section), f.name), getattr(getattr(cfg, section), f.name)
+            if key not in RESUME_MAY_CHANGE and old != new:
+                raise ConfigError(f"{saved_path}: {key} was {old!r} in this run and is {new!r} now; that changes "
+                                  f"what the resumed steps compute, so keep {old!r} or start a new run")
+    if (saved.data.shards_dir is None) != (cfg.data.shards_dir is None):
+        raise ConfigError(f"{saved_path}: data.shards_dir was {saved.data.shards_dir!r} in this run and is "
+                          f"{cfg.data.shards_dir!r} now; shards and NIfTI folders stream the patches in different "
+                          "orders, so keep the run's source or start a new run")
+    facts = read_run_facts(latest_checkpoint(run_dir))
+    for name in ("train", "data"):
+        asked, used = getattr(cfg, name).seed, facts[f"{name}_seed"]
+        if asked is not None and asked != used:
+            raise ConfigError(f"{saved_path}: {name}.seed is {asked} now but this run used {used}; keep it "
+                              "(or null) or start a new run")
+    return saved, facts
+
+
+def _resolve_seeds(cfg: Config, facts: dict[str, int] | None) -> dict[str, int]:
+    """The run's seeds: restored on resume, else the config's, drawn where it has null."""
+    if facts is not None:
+        return {"train": facts["train_seed"], "data": facts["data_seed"]}
+    draw = np.random.SeedSequence().generate_state(2)
+    return {name: int(draw[i] % (MAX_SEED + 1)) if getattr(cfg, name).seed is None else getattr(cfg, name).seed
+            for i, name in enumerate(("train", "data"))}
+
+
+def _with_data_folders(cfg: Config, lr_dir, hr_dir) -> Config:
+    """``cfg`` with the data folders given as arguments (else its own) made absolute, so that the
+    saved ``config.yaml`` finds them again from any working directory."""
+    absolute = lambda p: None if p is None else os.path.abspath(os.fspath(p))  # noqa: E731
+    d = cfg.data
+    data = dataclasses.replace(d, lr_dir=absolute(lr_dir if lr_dir is not None else d.lr_dir),
+                               hr_dir=absolute(hr_dir if hr_dir is not None else d.hr_dir),
+                               shards_dir=absolute(d.shards_dir))
+    return dataclasses.replace(cfg, data=data)
+
+
+def _check_data(run_dir: Path, facts: dict[str, int], now: dict[str, int]) -> None:
+    """On resume the data must give the steps per epoch and patch counts the run was trained with."""
+    what = {"steps_per_epoch": "steps per epoch", "lr_patches": "LR patches", "hr_patches": "HR patches"}
+    for name, label in what.items():
+        if facts[name] != now[name]:
+            raise ConfigError(f"{run_dir / CONFIG_FILE}: the data now give {now[name]} {label}, but this run was "
+                              f"trained with {facts[name]}; point --lr-dir/--hr-dir (or data.shards_dir) at the "
+                              "run's data, or start a new run")
+
+
+def _check_epochs(saved_epochs: int | None, cfg: Config, done: int, steps_per_epoch: int, run_dir: Path) -> None:
+    """More (or fewer) epochs are fine unless the learning rate has begun its decay towards the last one."""
+    tc = cfg.train
+    decay = tc.decay_start_epoch
+    if saved_epochs is None or saved_epochs == tc.epochs or decay is None or done <= decay * steps_per_epoch:
+        return
+    raise ConfigError(f"{run_dir / CONFIG_FILE}: train.epochs was {saved_epochs} in this run and is {tc.epochs} "
+                      f"now, but the learning rate has been decaying towards epoch {saved_epochs} since epoch "
+                      f"{decay}; changing the end now would bend that schedule, so keep {saved_epochs}")
 
 
 def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
@@ -116,38 +223,50 @@ def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
         raise ConfigError(f"{path}: does not match this run's model ({str(exc).splitlines()[0]})") from None
 
 
-def _fit(model: CycleGAN, dataset: tf.data.Dataset, epochs: int, steps_per_epoch: int, callbacks: list) -> None:
-    """``fit`` from the model's current step; a resumed run first finishes its interrupted epoch."""
+def _fit(model: CycleGAN, dataset_from, epochs: int, steps_per_epoch: int, callbacks: list) -> None:
+    """``fit`` from the model's current step; a resumed run first finishes its interrupted epoch.
+
+    ``dataset_from(step)`` is the batch stream from global step ``step`` on: each ``fit`` call gets
+    the stream where the previous one stopped.
+    """
     done = int(model.optimizer.iterations.numpy())
     epoch, offset = divmod(done, steps_per_epoch)
     if offset and epoch < epochs:
-        model.fit(dataset, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - offset,
+        model.fit(dataset_from(done), epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps_per_epoch - offset,
                   callbacks=callbacks, shuffle=False, verbose=0)
         epoch += 1
         if model.stop_training:
             return
     if epoch < epochs:
-        model.fit(dataset, epochs=epochs, initial_epoch=epoch, steps_per_epoch=steps_per_epoch,
-                  callbacks=callbacks, shuffle=False, verbose=0)
+        model.fit(dataset_from(int(model.optimizer.iterations.numpy())), epochs=epochs, initial_epoch=epoch,
+                  steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=0)
 
 
 def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLike | None,
           run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train G_L/G_H/D_L/D_H on unpaired LR and HR folders into ``run_dir`` (see the module doc).
 
-    With ``resume`` the run continues from the newest checkpoint in ``run_dir`` with the same step
-    counter, optimizer states and learning-rate schedule. Raises :class:`InputError` /
-    :class:`ConfigError` for user mistakes and :class:`TrainingDiverged` on a NaN/Inf loss.
+    ``lr_dir``/``hr_dir`` default to ``cfg.data.lr_dir``/``hr_dir`` (a resumed run finds them in its
+    ``config.yaml``). With ``resume`` the run continues exactly from the newest checkpoint in
+    ``run_dir``. Raises :class:`InputError` / :class:`ConfigError` for user mistakes and
+    :class:`TrainingDiverged` on a NaN/Inf loss.
     """
-    cfg = cfg.validate()
+    cfg = _with_data_folders(cfg.validate(), lr_dir, hr_dir)
     tc = cfg.train
     run_dir = Path(run_dir)
     strategy = make_strategy(tc.strategy)
     check_batch_size(tc.batch_size, strategy)
-    _check_run_dir(cfg, run_dir, resume)
-    data = make_training_data(lr_dir, hr_dir, cfg.data, n_val=tc.n_val_patches)
+    resumed = _check_run_dir(cfg, run_dir, resume)
+    saved_cfg, facts = resumed if resumed is not None else (None, None)
+    seeds = _resolve_seeds(cfg, facts)
+    data = make_training_data(cfg.data.lr_dir, cfg.data.hr_dir, dataclasses.replace(cfg.data, seed=seeds["data"]),
+                              n_val=tc.n_val_patches)
     steps_per_epoch = tc.steps_per_epoch or data.steps_per_epoch(tc.batch_size)
-    keras.utils.set_random_seed(tc.seed)
+    now = {"train_seed": seeds["train"], "data_seed": seeds["data"], "steps_per_epoch": steps_per_epoch,
+           "lr_patches": data.n_lr_patches, "hr_patches": data.n_hr_patches}
+    if facts is not None:
+        _check_data(run_dir, facts, now)
+    keras.utils.set_random_seed(seeds["train"])
 
     chief = is_chief(strategy)
     created = chief and not run_dir.exists()
@@ -156,9 +275,8 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
     manager = None
     try:
         make_output_dir(out_dir)
-        cfg.save(out_dir / CONFIG_FILE)
         with strategy.scope():
-            model = build_cyclegan(cfg.model, tc, cfg.data.patch_size)
+            model = build_cyclegan(cfg.model, tc, cfg.data.patch_size, seed=seeds["train"])
             # No whole-step XLA (Keras' "auto" would turn it on for one GPU): it measured no faster on
             # CPU and blew up compile time and memory around the generator's own XLA-fused kernels.
             model.compile(make_optimizer(tc, steps_per_epoch, "g_adam"),
@@ -167,10 +285,14 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
         pools = {k: p for k, p in (("pool_l", model.pool_l), ("pool_h", model.pool_h)) if p is not None}
         checkpoint = tf.train.Checkpoint(g_l=model.g_l, g_h=model.g_h, d_l=model.d_l, d_h=model.d_h,
                                          g_optimizer=model.optimizer, d_optimizer=model.d_optimizer,
-                                         best_cycle_loss=best_cycle, **pools)
+                                         best_cycle_loss=best_cycle, run_facts=RunFacts(**now), **pools)
         manager = tf.train.CheckpointManager(checkpoint, str(out_dir / CHECKPOINT_DIR), KEEP_CHECKPOINTS)
         if resume:
             _restore(checkpoint, latest_checkpoint(run_dir))
+            _check_epochs(saved_cfg.train.epochs, cfg, int(model.optimizer.iterations.numpy()), steps_per_epoch,
+                          run_dir)
+        # Written once the settings are accepted: a resumed run records what it continues with.
+        cfg.save(out_dir / CONFIG_FILE)
 
         meta = generator_meta(cfg, data)
         best_path = run_dir / BEST_GENERATOR_FILE
@@ -183,13 +305,15 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
             callbacks.append(TensorBoardLogger(writer, tc.log_every, tc.image_every, data.val_lr, data.val_hr,
                                                tc.mc_samples_val))
             if progress:
-                callbacks.append(ProgressBar(tc.epochs))
+                callbacks.append(ProgressBar(tc.epochs, steps_per_epoch, tc.log_every))
 
+        start = int(model.optimizer.iterations.numpy())
         if is_multiworker(strategy):
-            custom_loop(model, strategy, lambda ctx: data.dataset(tc.batch_size, ctx), tc.epochs,
+            custom_loop(model, strategy, lambda ctx: data.dataset(tc.batch_size, ctx, start_step=start), tc.epochs,
                         steps_per_epoch, callbacks)
         else:
-            _fit(model, data.dataset(tc.batch_size), tc.epochs, steps_per_epoch, callbacks)
+            _fit(model, lambda step: data.dataset(tc.batch_size, start_step=step), tc.epochs, steps_per_epoch,
+                 callbacks)
         if writer is not None:
             writer.close()
 
@@ -205,7 +329,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
         return TrainResult(run_dir=run_dir, generator_path=generator_path,
                            best_generator_path=best_path if best_path.exists() else None, steps=steps,
                            epochs=steps // steps_per_epoch, history=saver.history,
-                           best_cycle_loss=float(best_cycle.numpy()))
+                           best_cycle_loss=float(best_cycle.numpy()), seeds=seeds)
     except BaseException:
         if created and (manager is None or manager.latest_checkpoint is None):
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
+import tempfile
 from typing import Callable, Iterator, TypeVar
 
 import click
@@ -20,17 +22,26 @@ from microsr_tf.errors import ConfigError, MicrosrError
 F = TypeVar("F", bound=Callable)
 
 
-def user_errors(func: F) -> F:
+def user_errors(func: F | None = None, *, tensorflow: bool = True):
     """Report :class:`MicrosrError` as ``Error: <one line>`` and exit 1, without a traceback.
 
     File-system failures (``OSError``: permission denied, read-only or full disk, a file where a
     folder is expected) are the user's environment, not a bug, so they are reported the same way,
-    naming the path.
+    naming the path. With ``tensorflow`` (the default; ``@user_errors(tensorflow=False)`` for commands
+    that do not use it) TensorFlow is started here, when the command runs -- not for ``--help`` or a
+    usage error -- with its native start-up lines hidden.
     """
+    if func is None:
+        return functools.partial(user_errors, tensorflow=tensorflow)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
+            if tensorflow:
+                with _native_logs_hidden():  # TF's C++ start-up and CUDA probing lines would drown the output
+                    import tensorflow as tf
+
+                    tf.config.list_physical_devices()
             return func(*args, **kwargs)
         except MicrosrError as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
@@ -40,6 +51,25 @@ def user_errors(func: F) -> F:
             raise click.Abort() from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _native_logs_hidden() -> Iterator[None]:
+    """Hide what native code writes to stderr (fd 2) meanwhile; replay it if an error escapes."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def os_error_line(exc: OSError) -> str:

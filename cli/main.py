@@ -1,13 +1,12 @@
-"""The ``microsr-tf`` command group; subcommands are imported only when run, so ``--help`` is instant."""
+"""The ``microsr-tf`` command group. Command modules import only click and the config at import time
+(the heavy libraries inside the command body), so ``--help`` never loads TensorFlow."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
 import sys
-import tempfile
 
 import click
 
@@ -31,37 +30,13 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS or not _available(COMMANDS[name][0]):
             return None
-        with _native_logs_hidden():  # TF's C++ start-up and CUDA probing lines would drown the output
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()
-        module = importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
-        return module.command
+        return importlib.import_module(f"{__package__}.{COMMANDS[name][0]}").command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
-
-
-@contextlib.contextmanager
-def _native_logs_hidden():
-    """Hide what native code writes to stderr (fd 2) meanwhile; replay it if an error escapes."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def _available(module: str) -> bool:

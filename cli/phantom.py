@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from microsr_tf.phantoms import SIZES, write_phantoms
-
 from ._common import user_errors
 
 
@@ -20,10 +18,12 @@ from ._common import user_errors
               help="Subjects per unpaired training set.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Random seed; the same seed, subjects and size give identical files.")
-@click.option("--size", type=click.Choice(list(SIZES)), default="small", show_default=True,
+@click.option("--size", type=click.Choice(["small", "paper"]), default="small", show_default=True,
               help="Grid sizes and voxel spacings.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty OUT_DIR, replacing earlier phantoms.")
-@user_errors
+@user_errors(tensorflow=False)
 def command(out_dir: str, subjects: int, seed: int, size: str, overwrite: bool) -> None:
+    from microsr_tf.phantoms import write_phantoms
+
     write_phantoms(out_dir, subjects, seed, size=size, overwrite=overwrite,
                    progress=lambda message: click.echo(message, err=True))

@@ -9,7 +9,7 @@ import click
 from microsr_tf.config import INFERENCE_PRECISIONS
 from microsr_tf.errors import ConfigError, InputError
 
-from ._common import user_errors
+from ._common import option_values, user_errors
 
 ROI_HELP = ("Only process voxel ranges i0:i1,j0:j1,k0:k1 of the input array (its own axis order, half-open, "
             "an empty bound means the full extent, e.g. ':,100:300,40:60'). The output affine places the "
@@ -19,7 +19,7 @@ ROI_HELP = ("Only process voxel ranges i0:i1,j0:j1,k0:k1 of the input array (its
 def parse_roi(text: str | None) -> tuple[tuple[int | None, int | None], ...] | None:
     """Parse ``i0:i1,j0:j1,k0:k1`` into three (start, stop) pairs; None bounds mean the full extent.
 
-    Mistakes are ConfigErrors (one line) rather than click usage errors (usage text plus the error).
+    Mistakes are ConfigErrors; the command reports them as usage errors (exit 2).
     """
     if text is None:
         return None
@@ -53,13 +53,22 @@ def parse_percentiles(text: str | None) -> tuple[float, ...]:
 
 
 class _Progress:
-    """Renders predict_volume's (done, total, elapsed) callbacks as a click progress bar on stderr."""
+    """Renders predict_volume's (done, total, elapsed) callbacks on stderr: a click progress bar on a
+    terminal, else a plain line every ``every`` seconds and at the end (no ANSI codes or ``\r``)."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, every: float = 10.0):
         self.label = label
         self.bar = None
+        self.terminal = sys.stderr.isatty()
+        self.every, self.last = every, -every
 
     def __call__(self, done: int, total: int, elapsed: float) -> None:
+        if not self.terminal:
+            if elapsed - self.last >= self.every or done == total:
+                self.last = elapsed
+                rate = done / elapsed if elapsed > 0 else 0.0
+                click.echo(f"{self.label}: {done}/{total} slices, {rate:.2f} slices/s", err=True)
+            return
         if self.bar is None:
             self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_eta=True,
                                          show_pos=True, item_show_func=lambda s: s)
@@ -115,15 +124,18 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
     times with Monte Carlo dropout and written as NAME_mean.nii.gz (HR intensity units) and
     NAME_var.nii.gz (their square) with the matching affine.
     """
-    roi = parse_roi(roi_text)
-    percentiles = parse_percentiles(percentiles_text)
-
     from microsr_tf.inference.predict import check_options, plan_volume, predict_volume, stale_temp_files
-    from microsr_tf.export import load_model
+    from microsr_tf.export import SavedModelGenerator, load_model
 
-    check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
-                  percentiles=percentiles, precision=precision)
+    with option_values():
+        roi = parse_roi(roi_text)
+        percentiles = parse_percentiles(percentiles_text)
+        check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
+                      percentiles=percentiles, precision=precision)
     generator, meta = load_model(model_path)
+    if precision != "float32" and isinstance(generator, SavedModelGenerator):
+        raise InputError(model_path, f"is an exported SavedModel, which runs in float32 only; pass --precision "
+                                     f"float32, or the training run or .keras file it came from for {precision}")
     plans = [plan_volume(path, meta, roi=roi, axis=axis) for path in inputs]  # refuse bad inputs up front
     seen: dict[str, str] = {}
     for plan in plans:

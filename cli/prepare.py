@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ._common import user_errors
+from microsr_tf.config import Config, DataConfig
+
+from ._common import option_values, user_errors
 
 
 @click.command("prepare")
@@ -12,8 +14,9 @@ from ._common import user_errors
 @click.option("--hr-dir", required=True, metavar="DIR", help="Folder of micro-CT (high-resolution) NIfTI volumes.")
 @click.option("--out", "out_dir", required=True, metavar="SHARDS_DIR",
               help="New folder for the shards and index.json (must not exist or be empty).")
-@click.option("--patch-size", type=int, help="Training patch size in pixels.  [default: 256]")
-@click.option("--stride", type=int, help="Stride of the training patch grid.  [default: 128]")
+@click.option("--patch-size", type=int,
+              help=f"Training patch size in pixels.  [default: {DataConfig.patch_size}]")
+@click.option("--stride", type=int, help=f"Stride of the training patch grid.  [default: {DataConfig.stride}]")
 @click.option("--config", "config_path", metavar="FILE.yaml",
               help="YAML whose data section sets patch size, stride, foreground filter and ROI; flags override it.")
 @click.option("--dtype", type=click.Choice(["uint16", "float16", "float32"]), default="uint16", show_default=True,
@@ -24,11 +27,11 @@ def command(lr_dir, hr_dir, out_dir, patch_size, stride, config_path, dtype) -> 
 
     Train on them with `data.shards_dir: SHARDS_DIR` in the config; the patch size must match.
     """
-    from microsr_tf.config import Config
     from microsr_tf.pipeline import prepare_shards, read_shard_index
 
-    data = {key: value for key, value in (("patch_size", patch_size), ("stride", stride)) if value is not None}
-    cfg = Config.load(config_path, {"data": data})
+    cfg = Config.load(config_path)
+    with option_values():
+        cfg = cfg.override({"data": {"patch_size": patch_size, "stride": stride}}, source="command line", unset=True)
     out = prepare_shards(lr_dir, hr_dir, out_dir, cfg.data, dtype=dtype)
     index = read_shard_index(out)
     n_files = len(index["shards"]["lr"]) + len(index["shards"]["hr"])

@@ -30,3 +30,50 @@ def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: flo
             proc.kill()
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
+
+
+def sigkill_after_line(proc: subprocess.Popen, wanted: Callable[[str], bool], timeout: float,
+                       settle: float = 0.0) -> list[str]:
+    """SIGKILL ``proc`` once a line of its stdout satisfies ``wanted`` (and ``settle`` more seconds pass).
+
+    ``proc`` must have been started with ``stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True``.
+    Returns every stdout line it wrote, including those that reached the pipe before it died. Fails
+    if it exits first or no such line comes within ``timeout`` seconds.
+    """
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no wanted output within {timeout} s; got {seen[-3:]}") from None
+            assert line is not None, f"exited first ({proc.wait()}): {proc.stderr.read()[-2000:]}"
+            seen.append(line)
+            if wanted(line):
+                break
+        time.sleep(settle)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=30)
+    while (line := lines.get()) is not None:
+        seen.append(line)
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    return seen

@@ -1,40 +1,142 @@
-"""The command group: lists every command and starts without importing TensorFlow."""
+"""The command group: `--help` without TensorFlow, one set of exit codes for every command, help
+defaults read from the config, plain progress lines when output is redirected, and one-line errors."""
 
 import subprocess
 import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from microsr_tf.cli.main import COMMANDS, cli
+
+BUNDLED = Path(__file__).resolve().parent.parent / "saved_models" / "microsr_phantom_small"
 
 
-def test_help_lists_commands_without_importing_tensorflow():
+def test_help_of_every_command_does_not_import_tensorflow():
     code = (
-        "import sys; from click.testing import CliRunner; from microsr_tf.cli.main import cli;"
-        "r = CliRunner().invoke(cli, ['--help']); print(r.output);"
-        "print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_ABSENT')"
+        "import sys; from click.testing import CliRunner; from microsr_tf.cli.main import COMMANDS, cli\n"
+        "out = [CliRunner().invoke(cli, ['--help']).output]\n"
+        "for name in COMMANDS:\n"
+        "    r = CliRunner().invoke(cli, [name, '--help']); assert r.exit_code == 0, r.output; out.append(r.output)\n"
+        "print('\\n'.join(out)); print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    for name in ("phantom", "prepare", "train", "predict"):
+    for name in ("phantom", "prepare", "train", "predict", "export", "demo"):
         assert name in out
-    assert "TF_ABSENT" in out
+    assert out.strip().splitlines()[-1] == "[]"  # neither was imported
 
 
-def test_unknown_command_fails():
-    from click.testing import CliRunner
+def test_train_help_shows_the_config_defaults():
+    from microsr_tf.config import Config
 
-    from microsr_tf.cli.main import cli
+    text = " ".join(CliRunner().invoke(cli, ["train", "--help"], terminal_width=200).output.split())
+    cfg = Config()
+    for flag, value in [("--epochs", cfg.train.epochs), ("--batch-size", cfg.train.batch_size),
+                        ("--lr", cfg.train.learning_rate), ("--ngf", cfg.model.ngf),
+                        ("--patch-size", cfg.data.patch_size), ("--checkpoint-every", cfg.train.checkpoint_every)]:
+        after = text.split(f" {flag} ", 1)[1]
+        assert f"[default: {value}]" in after.split(" --", 1)[0], flag
+    prepare = " ".join(CliRunner().invoke(cli, ["prepare", "--help"], terminal_width=200).output.split())
+    assert f"[default: {cfg.data.stride}]" in prepare.split("--stride", 1)[1].split(" --", 1)[0]
 
-    result = CliRunner().invoke(cli, ["frobnicate"])
-    assert result.exit_code != 0
-    assert "No such command" in result.output
+
+def test_phantom_size_choices_are_the_phantom_sizes():
+    from microsr_tf.cli import phantom
+    from microsr_tf.phantoms import SIZES
+
+    size = next(p for p in phantom.command.params if p.name == "size")
+    assert list(size.type.choices) == list(SIZES)
+
+
+# Per command: a mistake click catches while reading the command line (exit 2) and one the command
+# itself refuses (exit 1: a missing input file or model, a config file in error).
+USAGE = {
+    "phantom": ["OUT", "--subjects", "0"],
+    "prepare": ["--lr-dir", "a", "--hr-dir", "b", "--out", "c", "--patch-size", "30"],
+    "train": ["--lr-dir", "a", "--hr-dir", "b", "--out", "c", "--epochs", "0"],
+    "predict": ["x.nii.gz", "--model", "m", "--out-dir", "o", "--samples", "1"],
+    "export": ["--model", "m", "--out", "o", "--samples", "1"],
+    "demo": ["--samples", "1"],
+}
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_exit_codes_are_2_for_usage_errors_and_1_for_input_errors(name, tmp_path):
+    if name not in USAGE:
+        pytest.fail(f"give the new command {name!r} its usage-error and input-error cases here")
+    runner = CliRunner()
+    assert runner.invoke(cli, [name, "--no-such-option"]).exit_code == 2
+    result = runner.invoke(cli, [name, *USAGE[name]])
+    assert result.exit_code == 2, result.output
+    assert "Usage:" in result.output and "Error:" in result.output
+    missing = str(tmp_path / "missing")
+    given = {  # also one case per command
+        "phantom": [str(tmp_path / "file" / "out")],
+        "prepare": ["--lr-dir", missing, "--hr-dir", missing, "--out", str(tmp_path / "shards")],
+        "train": ["--lr-dir", missing, "--hr-dir", missing, "--out", str(tmp_path / "run"), "--patch-size", "32"],
+        "predict": [missing, "--model", str(BUNDLED), "--out-dir", str(tmp_path / "out")],
+        "export": ["--model", missing, "--out", str(tmp_path / "export")],
+        "demo": ["--model", missing, "--out", str(tmp_path / "demo")],
+    }[name]
+    (tmp_path / "file").write_text("a file where a folder is expected")
+    result = runner.invoke(cli, [name, *given])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1, result.output
+    assert lines[-1].startswith("Error: ") and "Traceback" not in result.output
+    assert str(tmp_path) in lines[-1]  # names the file
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # and wrote nothing
+
+
+def test_a_config_file_in_error_is_an_input_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 0\n")
+    result = CliRunner().invoke(cli, ["train", "--config", str(bad), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"Error: {bad}: train.epochs must be >= 1, got 0"]
+
+
+def _lr_scan(path: Path) -> Path:
+    """A small scan at the bundled model's LR spacing (0.48 mm in-plane)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:12, :12] / 12
+    disk = 1000.0 * ((yy - 0.5) ** 2 + (xx - 0.5) ** 2 < 0.1)
+    data = np.stack([disk + rng.normal(0, 20, disk.shape) for _ in range(3)], -1).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([0.48, 0.48, 0.5, 1.0])), path)
+    return path
+
+
+def test_predict_progress_is_plain_lines_when_redirected(tmp_path):
+    scan = _lr_scan(tmp_path / "scan.nii.gz")
+    result = CliRunner().invoke(cli, ["predict", str(scan), "--model", str(BUNDLED), "--out-dir", str(tmp_path / "o"),
+                                      "-T", "2", "--stitch", "whole", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert "scan: 3/3 slices" in result.output
+    assert not set("\r\b\x1b") & set(result.output)
+
+
+def test_bfloat16_with_a_saved_model_names_it_and_what_to_pass(tmp_path):
+    scan = _lr_scan(tmp_path / "scan.nii.gz")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["predict", str(scan), "--model", str(BUNDLED), "--out-dir", str(out),
+                                      "--precision", "bfloat16"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: {BUNDLED}: is an exported SavedModel, which runs in float32 only; pass --precision float32, or "
+        "the training run or .keras file it came from for bfloat16"]
+    assert not out.exists()
 
 
 def test_file_system_errors_are_one_line_naming_the_path(tmp_path):
     import click
-    from click.testing import CliRunner
 
     from microsr_tf.cli._common import user_errors
 
     @click.command()
     @click.argument("path")
-    @user_errors
+    @user_errors(tensorflow=False)
     def write(path):
         with open(path, "w", encoding="utf-8") as fh:
             fh.write("x")
@@ -43,18 +145,14 @@ def test_file_system_errors_are_one_line_naming_the_path(tmp_path):
     blocker.write_text("")
     target = blocker / "out.txt"  # a file where a folder is expected
     result = CliRunner().invoke(write, [str(target)])
-    assert result.exit_code != 0
+    assert result.exit_code == 1
     assert result.output.strip().splitlines() == [f"Error: {target}: Not a directory"]
 
 
 def test_output_folder_under_a_file_is_one_line_before_any_work(tmp_path):
-    from click.testing import CliRunner
-
-    from microsr_tf.cli.main import cli
-
     blocker = tmp_path / "file"
     blocker.write_text("")
     result = CliRunner().invoke(cli, ["phantom", str(blocker / "out"), "--subjects", "1"])
-    assert result.exit_code != 0
+    assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {blocker / 'out'}: cannot create the output folder")

@@ -13,7 +13,7 @@ import tensorflow as tf
 from microsr_tf.config import ModelConfig, TrainConfig
 from microsr_tf.errors import ConfigError
 from microsr_tf.models.cyclegan import (STEP_PREFIX, ImagePool, LinearDecay, build_cyclegan, float32_generator,
-                                       make_optimizer)
+                                       make_optimizer, step_seed_rows)
 from microsr_tf.training.strategy import check_batch_size
 
 P = 32
@@ -22,13 +22,6 @@ TINY = ModelConfig(ngf=4, n_blocks=1, ndf=4, n_layers_d=2)
 
 def _data(rng, n=8):
     return rng.random((n, P, P, 1), dtype=np.float32), rng.random((n, P, P, 1), dtype=np.float32)
-
-
-def _two_cpus() -> list[str]:
-    cpus = tf.config.list_logical_devices("CPU")
-    if len(cpus) < 2:
-        pytest.skip("needs the two logical CPU devices set up in conftest.py")
-    return [d.name for d in cpus[:2]]
 
 
 def test_fit_tiny_outputs_and_losses_finite(rng):
@@ -52,8 +45,8 @@ def test_fit_tiny_outputs_and_losses_finite(rng):
 
 
 def _one_sgd_step(strategy, weights, x, y):
-    tc = TrainConfig(batch_size=len(x), pool_size=4)  # a filling pool passes fakes through: deterministic
-    cfg = ModelConfig(ngf=4, n_blocks=1, ndf=4, n_layers_d=2, dropout_position="none")
+    tc = TrainConfig(batch_size=len(x), pool_size=4, seed=5)  # a filling pool passes fakes through
+    cfg = ModelConfig(ngf=4, n_blocks=1, ndf=4, n_layers_d=2, dropout_position="bottleneck")
     with strategy.scope():
         model = build_cyclegan(cfg, tc, P)
         model.set_weights(weights)
@@ -64,16 +57,16 @@ def _one_sgd_step(strategy, weights, x, y):
     return model.get_weights(), logs, pool_counts
 
 
-def test_mirrored_two_replicas_match_one_device(rng):
-    devices = _two_cpus()
+def test_mirrored_two_replicas_match_one_device(rng, two_cpus):
+    """Dropout on: each example's masks depend on its place in the global batch, not on the replica."""
     keras.utils.set_random_seed(3)
     tc = TrainConfig(batch_size=4)
-    init = build_cyclegan(ModelConfig(ngf=4, n_blocks=1, ndf=4, n_layers_d=2, dropout_position="none"), tc, P)
+    init = build_cyclegan(ModelConfig(ngf=4, n_blocks=1, ndf=4, n_layers_d=2), tc, P)
     assert len(init.get_weights()) > 20
     weights = init.get_weights()
     x, y = _data(rng, 4)
     single, single_logs, single_pool = _one_sgd_step(tf.distribute.get_strategy(), weights, x, y)
-    mirrored, mirrored_logs, mirrored_pool = _one_sgd_step(tf.distribute.MirroredStrategy(devices), weights, x, y)
+    mirrored, mirrored_logs, mirrored_pool = _one_sgd_step(tf.distribute.MirroredStrategy(two_cpus), weights, x, y)
     assert single_pool == [4] and mirrored_pool == [2, 2]  # each replica keeps its own history
     assert max(np.abs(a - b).max() for a, b in zip(weights, single)) > 1e-4  # the step did move weights
     for a, b in zip(single, mirrored):
@@ -82,28 +75,39 @@ def test_mirrored_two_replicas_match_one_device(rng):
         assert single_logs[name][0] == pytest.approx(mirrored_logs[name][0], abs=1e-6)
 
 
-def test_batch_not_divisible_by_replicas():
-    strategy = tf.distribute.MirroredStrategy(_two_cpus())
+def test_batch_not_divisible_by_replicas(two_cpus):
+    strategy = tf.distribute.MirroredStrategy(two_cpus)
     with pytest.raises(ConfigError, match="not divisible by the 2 replicas"):
         check_batch_size(3, strategy)
     check_batch_size(4, strategy)
 
 
-def test_image_pool_fills_then_mixes_history():
-    tf.random.set_seed(0)
-    pool = ImagePool(4, (2, 2, 1))
+def test_image_pool_fills_then_swaps_where_the_coin_says():
+    pool = ImagePool(3, (1, 1, 1))
     query = tf.function(pool.query)
-    first = np.full((3, 2, 2, 1), 1.0, np.float32)
-    np.testing.assert_array_equal(query(first), first)  # while filling, fakes pass through
-    seen = []
-    for value in range(2, 40):
-        batch = np.full((3, 2, 2, 1), float(value), np.float32)
-        out = query(batch).numpy()[:, 0, 0, 0]
-        assert all(v <= value for v in out)  # a fake or an older one from the history
-        seen.extend(out.tolist())
-        assert int(pool.count.numpy()) == 4
-    assert any(v < value for v, value in zip(seen, np.repeat(np.arange(2, 40), 3)))  # history was used
-    assert any(v == value for v, value in zip(seen, np.repeat(np.arange(2, 40), 3)))  # fresh fakes too
+    fakes = lambda *v: np.array(v, np.float32).reshape(-1, 1, 1, 1)  # noqa: E731
+    heads = np.zeros(2, np.float32)
+    # filling: two, then one more and one over the size -- all pass through, the first three are kept
+    np.testing.assert_array_equal(query(fakes(1, 2), heads, [0, 0]), fakes(1, 2))
+    np.testing.assert_array_equal(query(fakes(3, 4), heads, [0, 0]), fakes(3, 4))
+    assert int(pool.count.numpy()) == 3
+    np.testing.assert_array_equal(pool.images.numpy()[:3, 0, 0, 0], [1, 2, 3])
+    # full: coin < 0.5 swaps the fake for stored image `pick`, which the fake replaces
+    out = query(fakes(7, 8), np.array([0.2, 0.9], np.float32), [1, 0])
+    np.testing.assert_array_equal(out[:, 0, 0, 0], [2, 8])
+    np.testing.assert_array_equal(pool.images.numpy()[:3, 0, 0, 0], [1, 7, 3])
+    out = query(fakes(9, 10), np.array([0.0, 0.4], np.float32), [2, 1])
+    np.testing.assert_array_equal(out[:, 0, 0, 0], [3, 7])
+    np.testing.assert_array_equal(pool.images.numpy()[:3, 0, 0, 0], [1, 10, 9])
+
+
+def test_step_draws_depend_only_on_seed_step_and_place_in_the_global_batch():
+    rows = step_seed_rows(7, tf.constant(3, tf.int64), 2, tf.constant(6), tf.constant(0), tf.constant(6)).numpy()
+    assert rows.shape == (2, 6, 2) and rows.dtype == np.int32 and len(np.unique(rows.reshape(-1, 2), axis=0)) == 12
+    again = step_seed_rows(7, tf.constant(3, tf.int64), 2, tf.constant(6), tf.constant(2), tf.constant(2)).numpy()
+    np.testing.assert_array_equal(again, rows[:, 2:4])  # a replica holding examples 2..3 gets their rows
+    other = step_seed_rows(7, tf.constant(4, tf.int64), 2, tf.constant(6), tf.constant(0), tf.constant(6)).numpy()
+    assert not np.array_equal(other, rows)
 
 
 def test_linear_decay_schedule_follows_step_counter():
@@ -149,3 +153,107 @@ def test_mixed_bfloat16_fit_keeps_float32_weights_and_global_policy(rng):
 def test_bad_precision_refused():
     with pytest.raises(ConfigError, match="train.precision must be one of"):
         TrainConfig(precision="float16").validate()
+
+
+# ----- the objective, computed a second way -----------------------------------------------------
+
+def _softplus(z: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, z)
+
+
+def _deterministic_model(gan_loss="bce", pool_size=0, lambda_identity=0.0, lambdas=(10.0, 1.0), seed=0):
+    """A tiny CycleGAN without dropout (its outputs do not depend on seed rows), weights from ``seed``."""
+    tc = TrainConfig(batch_size=3, gan_loss=gan_loss, pool_size=pool_size, lambda_identity=lambda_identity,
+                     lambda_rec=lambdas[0], lambda_adv=lambdas[1])
+    keras.utils.set_random_seed(seed)
+    return build_cyclegan(ModelConfig(ngf=2, n_blocks=1, ndf=2, n_layers_d=1, dropout_position="none"), tc, 16), tc
+
+
+@pytest.mark.parametrize("gan_loss, lambda_identity", [("bce", 0.0), ("lsgan", 0.5)])
+def test_step_losses_equal_the_paper_objective_computed_by_hand(rng, gan_loss, lambda_identity):
+    """Eq. 1-3 in numpy from the networks' outputs: cycle L1 (both directions), the generators' GAN loss
+    against "real", each critic's half real/fake loss, and the identity term; per example."""
+    model, tc = _deterministic_model(gan_loss, lambda_identity=lambda_identity, lambdas=(7.0, 0.3))
+    model.compile(keras.optimizers.SGD(0.0), keras.optimizers.SGD(0.0))
+    x, y = (rng.random((3, 16, 16, 1), dtype=np.float32) for _ in range(2))
+    g_l, g_h = (lambda a: model.g_l(a).numpy()), (lambda a: model.g_h(a).numpy())
+    d_l, d_h = (lambda a: model.d_l(a).numpy().astype(np.float64)), (lambda a: model.d_h(a).numpy().astype(np.float64))
+    if gan_loss == "bce":  # log loss with logits z: -log sigmoid(z) for "real", -log(1 - sigmoid(z)) for "fake"
+        real, fake = (lambda z: _softplus(-z)), (lambda z: _softplus(z))
+    else:
+        real, fake = (lambda z: (z - 1.0) ** 2), (lambda z: z ** 2)
+    mean = lambda a: a.reshape(len(a), -1).mean(axis=1)  # noqa: E731
+    fake_hr, fake_lr = g_l(x), g_h(y)
+    cycle = mean(np.abs(x - g_h(fake_hr))) + mean(np.abs(y - g_l(fake_lr)))
+    adv = mean(real(d_h(fake_hr))) + mean(real(d_l(fake_lr)))
+    identity = mean(np.abs(g_l(y) - y)) + mean(np.abs(g_h(x) - x))
+    expected = {
+        "cycle_loss": cycle, "adv_loss": adv,
+        "g_loss": 0.3 * adv + 7.0 * cycle + 7.0 * lambda_identity * identity,
+        "d_h_loss": 0.5 * (mean(real(d_h(y))) + mean(fake(d_h(fake_hr)))),
+        "d_l_loss": 0.5 * (mean(real(d_l(x))) + mean(fake(d_l(fake_lr)))),
+    }
+    expected["d_loss"] = expected["d_h_loss"] + expected["d_l_loss"]
+    if lambda_identity:
+        expected["identity_loss"] = identity
+    losses = model.step(tf.constant(x), tf.constant(y))
+    assert set(losses) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(losses[name].numpy(), value, rtol=2e-5, atol=1e-6, err_msg=name)
+
+
+def _alternating_update(model, x, y):
+    """The textbook CycleGAN update, written out: generators first (critics fixed), then the critics on
+    the fakes made before the generator update, with the critics' weights from before it too."""
+    with tf.GradientTape() as tape:
+        fake_hr, fake_lr = model.g_l(x), model.g_h(y)
+        cycle = (tf.reduce_mean(tf.abs(x - model.g_h(fake_hr)), axis=[1, 2, 3])
+                 + tf.reduce_mean(tf.abs(y - model.g_l(fake_lr)), axis=[1, 2, 3]))
+        bce = lambda logits, label: tf.reduce_mean(  # noqa: E731
+            tf.nn.sigmoid_cross_entropy_with_logits(tf.fill(tf.shape(logits), label), logits), axis=[1, 2, 3])
+        adv = bce(model.d_h(fake_hr), 1.0) + bce(model.d_l(fake_lr), 1.0)
+        g_loss = tf.reduce_mean(model.lambda_adv * adv + model.lambda_rec * cycle)
+    g_vars = model.generator_variables
+    g_grads = tape.gradient(g_loss, g_vars)
+    fakes = (tf.stop_gradient(fake_hr), tf.stop_gradient(fake_lr))
+    with tf.GradientTape() as tape:
+        d_loss = tf.reduce_mean(0.5 * (bce(model.d_h(y), 1.0) + bce(model.d_h(fakes[0]), 0.0))
+                                + 0.5 * (bce(model.d_l(x), 1.0) + bce(model.d_l(fakes[1]), 0.0)))
+    d_vars = model.critic_variables
+    d_grads = tape.gradient(d_loss, d_vars)
+    model.optimizer.apply_gradients(zip(g_grads, g_vars))
+    model.d_optimizer.apply_gradients(zip(d_grads, d_vars))
+
+
+@pytest.mark.parametrize("pool_size", [0, 8])
+def test_fused_step_equals_the_alternating_update(rng, pool_size):
+    """Two Adam steps of the fused train step against the written-out alternating update on a twin
+    with the same weights (a pool that is still filling passes the fakes through unchanged)."""
+    fused, tc = _deterministic_model(pool_size=pool_size)
+    twin, _ = _deterministic_model(pool_size=pool_size)
+    twin.set_weights(fused.get_weights())
+    for model in (fused, twin):
+        model.compile(make_optimizer(tc, 10, "g"), make_optimizer(tc, 10, "d"))
+    for _ in range(2):
+        x, y = (tf.constant(rng.random((3, 16, 16, 1), dtype=np.float32)) for _ in range(2))
+        fused.step(x, y)
+        _alternating_update(twin, x, y)
+    moved = max(np.abs(a - b).max() for a, b in zip(fused.get_weights(), _deterministic_model()[0].get_weights()))
+    assert moved > 1e-5
+    for a, b in zip(fused.get_weights(), twin.get_weights()):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=0)
+
+
+def test_critic_gradients_never_reach_the_generators(rng):
+    """With every generator loss weight at 0 a step must leave both generators untouched while the
+    critics learn: any critic gradient applied to a generator weight would move it."""
+    model, _ = _deterministic_model(lambdas=(0.0, 0.0))
+    model.compile(keras.optimizers.SGD(1.0), keras.optimizers.SGD(1.0))
+    g_before = [v.numpy().copy() for v in model.generator_variables]
+    d_before = [v.numpy().copy() for v in model.critic_variables]
+    x, y = (tf.constant(rng.random((3, 16, 16, 1), dtype=np.float32)) for _ in range(2))
+    losses = model.step(x, y)
+    assert float(tf.reduce_mean(losses["d_loss"])) > 0.1
+    assert max(np.abs(a - v.numpy()).max() for a, v in zip(d_before, model.critic_variables)) > 1e-4
+    for a, v in zip(g_before, model.generator_variables):
+        np.testing.assert_array_equal(a, v.numpy())

@@ -274,11 +274,8 @@ def test_saved_model_export_keeps_dropout_on(rng, tmp_path):
     np.testing.assert_allclose(loaded.sample_seeded(x, rows), gen(x, seed=rows), atol=1e-6)
 
 
-def test_mirrored_replicas_draw_different_masks(rng):
-    devices = tf.config.list_logical_devices("CPU")
-    if len(devices) < 2:
-        pytest.skip("needs two logical CPU devices")
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+def test_mirrored_replicas_draw_different_masks(rng, two_cpus):
+    strategy = tf.distribute.MirroredStrategy(two_cpus)
     with strategy.scope():
         gen = tiny("bottleneck")
     x = image(rng, 1, 32, 32)

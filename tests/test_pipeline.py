@@ -141,12 +141,10 @@ def test_lr_patches_are_resampled_to_the_hr_spacing(tmp_path):
     assert int(np.argmax(spectrum)) == PATCH // (4 * LR_FACTOR)  # 2 cycles per 32 px patch
 
 
-def test_mirrored_strategy_per_replica_batches(folders):
-    if len(tf.config.list_logical_devices("CPU")) < 2:
-        pytest.skip("needs the two logical CPU devices set up in conftest.py")
+def test_mirrored_strategy_per_replica_batches(folders, two_cpus):
     lr_dir, hr_dir = folders
     data = make_training_data(lr_dir, hr_dir, config(), n_val=1)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = tf.distribute.MirroredStrategy(two_cpus)
     dist = strategy.distribute_datasets_from_function(lambda ctx: data.dataset(4, ctx))
     lr, hr = next(iter(dist))
     for value in (lr, hr):

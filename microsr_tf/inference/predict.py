@@ -167,14 +167,14 @@ def predict_volume(
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0] >> 1)
     paths = output_paths(plan.name, out_dir, write_std, percentiles, preview)
-    make_output_dir(out_dir)
+    predictor = MonteCarloPredictor(generator, samples=samples, percentiles=tuple(percentiles), precision=precision)
+    make_output_dir(out_dir)  # after everything that can refuse the job: no empty folder is left behind
 
     start = time.perf_counter()
     vol, ax, ks = plan.volume, plan.axis, plan.slices
     lr_stats = volume_stats(vol, axis=ax, factors=plan.factors)
     hr_stats = IntensityStats.from_dict(meta["hr_stats"])
     (i0, i1), (j0, j1) = [r for d, r in enumerate(plan.roi) if d != ax]
-    predictor = MonteCarloPredictor(generator, samples=samples, percentiles=tuple(percentiles), precision=precision)
     middle = ks[len(ks) // 2]
     panel = None
     convergence: dict[str, float] = {}

@@ -4,9 +4,33 @@ or generated, and returns logits so the loss chooses log or least-squares GAN.""
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 from microsr_tf.errors import ConfigError
 from microsr_tf.models.layers import instance_norm
+
+
+@keras.saving.register_keras_serializable(package="microsr_tf")
+class LeakyReLU(keras.layers.Layer):
+    """``max(x, slope * x)``: the leaky ReLU for ``0 <= slope <= 1``, written so that TensorFlow's graph
+    optimiser does not fuse it into the preceding convolution. Grappler's remapper matches
+    Conv2D + BiasAdd + LeakyRelu, but the training step's gradient still needs the BiasAdd output,
+    so on every run it printed "remapper failed ... LeakyReluGrad" and gave up remapping the graph."""
+
+    def __init__(self, slope: float = 0.2, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= slope <= 1.0:
+            raise ValueError(f"slope must be in [0, 1], got {slope}")
+        self.slope = float(slope)
+
+    def call(self, x):
+        return tf.maximum(x, tf.cast(self.slope, x.dtype) * x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "slope": self.slope}
 
 
 @keras.saving.register_keras_serializable(package="microsr_tf")
@@ -23,11 +47,11 @@ class PatchDiscriminator(keras.Model):
         self.ndf, self.n_layers = int(ndf), int(n_layers)
         pad = keras.layers.ZeroPadding2D
         conv = lambda filters, stride: keras.layers.Conv2D(filters, 4, strides=stride)  # noqa: E731
-        self.body = [pad(1), conv(ndf, 2), keras.layers.LeakyReLU(0.2)]
+        self.body = [pad(1), conv(ndf, 2), LeakyReLU(0.2)]
         for i in range(1, n_layers + 1):
             filters = ndf * min(2**i, 8)
             self.body += [pad(1), conv(filters, 2 if i < n_layers else 1), instance_norm(),
-                          keras.layers.LeakyReLU(0.2)]
+                          LeakyReLU(0.2)]
         self.body += [pad(1), keras.layers.Conv2D(1, 4, dtype="float32")]
 
     def build(self, input_shape):

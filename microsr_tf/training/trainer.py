@@ -131,24 +131,23 @@ def generator_meta(cfg: Config, data: TrainingData) -> dict:
     }
 
 
-def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> tuple[Config, dict[str, int]] | None:
-    """A fresh run needs an absent or empty directory; a resumed one a checkpoint and the same settings,
-    but for :data:`RESUME_MAY_CHANGE`. Returns the saved config and the checkpoint's :class:`RunFacts`
-    values on resume."""
+def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> tuple[Config | None, dict[str, int] | None]:
+    """A fresh run needs an absent or empty directory; a resumed one its ``config.yaml`` and the same
+    settings, but for :data:`RESUME_MAY_CHANGE`. Returns the saved config (on resume) and the newest
+    checkpoint's :class:`RunFacts` values (None when a run was stopped before its first checkpoint:
+    it starts again from step 0)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(run_dir, "exists and is not a directory; choose a run directory")
     if not resume:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise InputError(run_dir, "is not empty; pass --resume to continue its run or choose a new directory")
-        return None
-    if not run_dir.is_dir() or latest_checkpoint(run_dir) is None:
-        raise InputError(run_dir, "has no checkpoint to resume from")
+        return None, None
     saved_path = run_dir / CONFIG_FILE
-    try:
-        with open(saved_path, encoding="utf-8") as fh:
-            saved = Config.from_dict(yaml.safe_load(fh) or {}, source=str(saved_path))
-    except FileNotFoundError:
-        raise InputError(saved_path, "missing; cannot check the resumed run's settings") from None
+    if not saved_path.is_file():
+        raise InputError(run_dir, "has no checkpoint to resume from" if latest_checkpoint(run_dir) is None
+                         else f"has checkpoints but no {CONFIG_FILE}; cannot check the resumed run's settings")
+    with open(saved_path, encoding="utf-8") as fh:
+        saved = Config.from_dict(yaml.safe_load(fh) or {}, source=str(saved_path))
     for section in ("data", "model", "train"):
         for f in dataclasses.fields(getattr(cfg, section)):
             key = f"{section}.{f.name}"
@@ -160,6 +159,8 @@ def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> tuple[Config, di
         raise ConfigError(f"{saved_path}: data.shards_dir was {saved.data.shards_dir!r} in this run and is "
                           f"{cfg.data.shards_dir!r} now; shards and NIfTI folders stream the patches in different "
                           "orders, so keep the run's source or start a new run")
+    if latest_checkpoint(run_dir) is None:
+        return saved, None
     facts = read_run_facts(latest_checkpoint(run_dir))
     for name in ("train", "data"):
         asked, used = getattr(cfg, name).seed, facts[f"{name}_seed"]
@@ -248,7 +249,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
 
     ``lr_dir``/``hr_dir`` default to ``cfg.data.lr_dir``/``hr_dir`` (a resumed run finds them in its
     ``config.yaml``). With ``resume`` the run continues exactly from the newest checkpoint in
-    ``run_dir``. Raises :class:`InputError` / :class:`ConfigError` for user mistakes and
+    ``run_dir`` (from step 0 if it was stopped before its first checkpoint). Raises :class:`InputError` / :class:`ConfigError` for user mistakes and
     :class:`TrainingDiverged` on a NaN/Inf loss.
     """
     cfg = _with_data_folders(cfg.validate(), lr_dir, hr_dir)
@@ -256,8 +257,9 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
     run_dir = Path(run_dir)
     strategy = make_strategy(tc.strategy)
     check_batch_size(tc.batch_size, strategy)
-    resumed = _check_run_dir(cfg, run_dir, resume)
-    saved_cfg, facts = resumed if resumed is not None else (None, None)
+    saved_cfg, facts = _check_run_dir(cfg, run_dir, resume)
+    if saved_cfg is not None:  # folders not given again: the run's own
+        cfg = _with_data_folders(cfg, cfg.data.lr_dir or saved_cfg.data.lr_dir, cfg.data.hr_dir or saved_cfg.data.hr_dir)
     seeds = _resolve_seeds(cfg, facts)
     data = make_training_data(cfg.data.lr_dir, cfg.data.hr_dir, dataclasses.replace(cfg.data, seed=seeds["data"]),
                               n_val=tc.n_val_patches)
@@ -275,6 +277,8 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
     manager = None
     try:
         make_output_dir(out_dir)
+        if facts is None:
+            cfg.save(out_dir / CONFIG_FILE)
         with strategy.scope():
             model = build_cyclegan(cfg.model, tc, cfg.data.patch_size, seed=seeds["train"])
             # No whole-step XLA (Keras' "auto" would turn it on for one GPU): it measured no faster on
@@ -287,12 +291,11 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
                                          g_optimizer=model.optimizer, d_optimizer=model.d_optimizer,
                                          best_cycle_loss=best_cycle, run_facts=RunFacts(**now), **pools)
         manager = tf.train.CheckpointManager(checkpoint, str(out_dir / CHECKPOINT_DIR), KEEP_CHECKPOINTS)
-        if resume:
+        if facts is not None:
             _restore(checkpoint, latest_checkpoint(run_dir))
             _check_epochs(saved_cfg.train.epochs, cfg, int(model.optimizer.iterations.numpy()), steps_per_epoch,
                           run_dir)
-        # Written once the settings are accepted: a resumed run records what it continues with.
-        cfg.save(out_dir / CONFIG_FILE)
+            cfg.save(out_dir / CONFIG_FILE)  # once accepted, the run records the settings it continues with
 
         meta = generator_meta(cfg, data)
         best_path = run_dir / BEST_GENERATOR_FILE

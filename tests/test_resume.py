@@ -1,0 +1,203 @@
+"""Resume is exact, and a run survives being killed: the patch stream from any step is the tail of the
+straight stream; five SIGKILLs at random points of one run, each followed by `--resume`, lose at most
+one checkpoint interval each, never leave an unreadable checkpoint, and end with the weights of the
+same run done in one go; a run resumes in the other precision; changed settings are refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from microsr_tf.cli.main import cli
+from microsr_tf.config import Config, DataConfig
+from microsr_tf.models.artifact import load_generator
+from microsr_tf.pipeline import make_training_data, prepare_shards
+from microsr_tf.training.trainer import latest_checkpoint, train
+
+from processes import sigkill_after_line  # tests/processes.py
+
+EVERY = 2  # checkpoint interval (steps) of the killed run
+STEPS = 30
+FLAGS = ["--patch-size", "32", "--stride", "16", "--ngf", "4", "--n-blocks", "1", "--ndf", "4", "--batch-size", "2",
+         "--strategy", "default", "--seed", "3", "--pool-size", "3", "--epochs", "3", "--steps-per-epoch", "10",
+         "--checkpoint-every", str(EVERY), "--log-every", "1", "--image-every", "1000"]
+STEP_LINE = re.compile(r"^\s+step (\d+)/(\d+)\b")
+
+
+def _checkpoint_tensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint (reading each one proves its index and data files are intact)."""
+    reader = tf.train.load_checkpoint(path)
+    return {name: reader.get_tensor(name) for name, _ in tf.train.list_variables(path)
+            if name != "_CHECKPOINTABLE_OBJECT_GRAPH" and not name.startswith("save_counter")}
+
+
+def _assert_same_state(a: str, b: str, atol: float = 1e-6) -> None:
+    ta, tb = _checkpoint_tensors(a), _checkpoint_tensors(b)
+    assert ta.keys() == tb.keys()
+    assert len(ta) > 100  # four networks, two optimizers with their slots, pools, step counters, run facts
+    for name in ta:
+        np.testing.assert_allclose(np.asarray(ta[name], np.float64), np.asarray(tb[name], np.float64),
+                                   atol=atol, rtol=0, err_msg=name)
+
+
+def _steps(lines: list[str]) -> list[int]:
+    return [int(m.group(1)) for m in map(STEP_LINE.match, lines) if m]
+
+
+# ----- the stream ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source", ["nifti", "shards"])
+def test_stream_from_a_step_is_the_tail_of_the_straight_stream(training_folders, tmp_path, source):
+    lr, hr = training_folders
+    cfg = DataConfig(patch_size=32, stride=16, shuffle_buffer=8, seed=11)
+    if source == "shards":
+        cfg = dataclasses.replace(cfg, shards_dir=str(prepare_shards(lr, hr, tmp_path / "shards", cfg)))
+    data = make_training_data(lr, hr, cfg, n_val=1)
+    assert min(data.n_lr_patches, data.n_hr_patches) * 2 < 40 * 3  # the stream below wraps around the data
+    straight = [(a.numpy(), b.numpy()) for a, b in data.dataset(3).take(40)]
+    for start in (1, 7, 23):  # inside a shuffle window, at a window edge, in the second pass
+        tail = [(a.numpy(), b.numpy()) for a, b in data.dataset(3, start_step=start).take(40 - start)]
+        for (a, b), (c, d) in zip(straight[start:], tail):
+            np.testing.assert_array_equal(a, c)
+            np.testing.assert_array_equal(b, d)
+    # two input pipelines (two workers): each one's stream from a step is its own straight tail
+    for pipeline in (0, 1):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline, num_replicas_in_sync=2)
+        whole = [a.numpy() for a, _ in data.dataset(4, ctx).take(12)]
+        tail = [a.numpy() for a, _ in data.dataset(4, ctx, start_step=5).take(7)]
+        assert whole[0].shape == (2, 32, 32, 1)
+        for a, c in zip(whole[5:], tail):
+            np.testing.assert_array_equal(a, c)
+
+
+# ----- killing a run ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def straight_run(training_folders, tmp_path_factory):
+    """The run of the fault-injection test, done in one go."""
+    lr, hr = training_folders
+    run = tmp_path_factory.mktemp("straight") / "run"
+    result = CliRunner().invoke(cli, ["train", "--lr-dir", str(lr), "--hr-dir", str(hr), "--out", str(run), *FLAGS])
+    assert result.exit_code == 0, result.output
+    assert f"Trained {STEPS} steps (3 epochs)" in result.output
+    return run
+
+
+def test_five_sigkills_each_resumed_lose_at_most_one_interval_and_end_as_the_straight_run(
+        training_folders, straight_run, tmp_path):
+    lr, hr = training_folders
+    run = tmp_path / "run"
+    rng = np.random.default_rng(2021)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    fresh = [sys.executable, "-m", "microsr_tf.cli.main", "train", "--lr-dir", str(lr), "--hr-dir", str(hr),
+             "--out", str(run), *FLAGS]
+    resume = [sys.executable, "-m", "microsr_tf.cli.main", "train", "--out", str(run), "--resume"]  # no folders
+    restored = 0
+    for kill in range(5):
+        proc = subprocess.Popen(resume if kill else fresh, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        target = restored + int(rng.integers(1, 5))  # a random step to wait for, then a random moment after it
+        lines = sigkill_after_line(proc, lambda line: any(s >= target for s in _steps([line])), timeout=300,
+                                   settle=float(rng.uniform(0.0, 0.4)))
+        steps = _steps(lines)
+        assert steps[0] == restored + 1 and steps == list(range(steps[0], steps[-1] + 1))  # resumed right after
+        latest = latest_checkpoint(run)
+        assert latest is not None
+        saved = int(latest.rsplit("-", 1)[1])
+        # the last printed step had been checkpointed already when it was printed, or is one interval
+        # from the last checkpoint: at most one interval is redone
+        assert steps[-1] - EVERY < saved <= steps[-1] + 1
+        state = tf.train.get_checkpoint_state(run / "checkpoints")
+        for path in state.all_model_checkpoint_paths:  # every checkpoint the run lists is readable
+            assert _checkpoint_tensors(path)
+        assert not (run / "generator.keras").exists()
+        assert saved < STEPS, "the run finished before it could be killed"
+        restored = saved
+
+    done = CliRunner().invoke(cli, ["train", "--out", str(run), "--resume"])
+    assert done.exit_code == 0, done.output
+    assert f"Trained {STEPS} steps (3 epochs)" in done.output
+    assert _steps(done.output.splitlines())[0] == restored + 1
+    assert not set("\r\b\x1b") & set(done.output)  # plain lines when stdout is not a terminal
+    newest = max((run / "logs").glob("events.out.tfevents.*"), key=os.path.getmtime)
+    logged = [e.step for e in tf.compat.v1.train.summary_iterator(str(newest)) for v in e.summary.value
+              if v.tag == "step/g_loss"]
+    assert logged == list(range(restored + 1, STEPS + 1))  # TensorBoard picks up right after the checkpoint
+    _assert_same_state(latest_checkpoint(straight_run), latest_checkpoint(run))
+    a, _ = load_generator(straight_run)
+    b, _ = load_generator(run)
+    for u, v in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(u, v, atol=1e-6, rtol=0)
+
+
+# ----- what may change on resume ------------------------------------------------------------------
+
+TINY = {"data": {"patch_size": 32, "stride": 16, "seed": None},
+        "model": {"ngf": 4, "n_blocks": 1, "ndf": 4, "n_layers_d": 2},
+        "train": {"batch_size": 2, "epochs": 1, "steps_per_epoch": 2, "checkpoint_every": 1, "image_every": 100,
+                  "strategy": "default", "seed": None}}
+
+
+@pytest.mark.parametrize("first, then", [("float32", "mixed_bfloat16"), ("mixed_bfloat16", "float32")])
+def test_resume_in_the_other_precision(training_folders, tmp_path, first, then):
+    """Checkpoints hold float32 weights whatever the precision: the other precision restores them bit for
+    bit (a resume with nothing left to train saves exactly the checkpointed G_L) and trains on."""
+    run = tmp_path / "run"
+    cfg = Config.from_dict(TINY).override({"train": {"precision": first}})
+    train(cfg, *training_folders, run, progress=False)
+    tensors = _checkpoint_tensors(latest_checkpoint(run))
+    assert {t.dtype for name, t in tensors.items() if "/g_l/" in f"/{name}"} == {np.dtype("float32")}
+    other = cfg.override({"train": {"precision": then}})
+    result = train(other, None, None, run, resume=True, progress=False)  # nothing left to train
+    assert result.steps == 2 and result.history == []
+    saved, _ = load_generator(run / "generator.keras")
+    g_l = {name: t for name, t in tensors.items() if name.startswith("g_l/")}
+    assert sorted(np.asarray(w).tobytes() for w in saved.get_weights()) == sorted(t.tobytes() for t in g_l.values())
+    result = train(other.override({"train": {"epochs": 2}}), None, None, run, resume=True, progress=False)
+    assert result.steps == 4 and np.isfinite(result.history[-1]["g_loss"])
+
+
+def _resume(run, *flags):
+    result = CliRunner().invoke(cli, ["train", "--out", str(run), "--resume", *flags])
+    return result.exit_code, result.output.strip().splitlines()
+
+
+def test_changed_settings_are_refused_by_name_but_more_epochs_and_null_seeds_continue(training_folders, tmp_path):
+    lr, hr = training_folders
+    run = tmp_path / "run"
+    result = train(Config.from_dict(TINY), lr, hr, run, progress=False)  # null seeds: drawn, kept
+    assert set(result.seeds) == {"train", "data"}
+    for flags, name in [(["--batch-size", "4"], "train.batch_size was 2"), (["--ngf", "8"], "model.ngf was 4"),
+                        (["--steps-per-epoch", "3"], "train.steps_per_epoch was 2"),
+                        (["--lambda-rec", "5"], "train.lambda_rec was 10.0"),
+                        (["--stride", "8"], "data.stride was 16"),
+                        (["--seed", "7"], f"train.seed is 7 now but this run used {result.seeds['train']}")]:
+        code, lines = _resume(run, *flags)
+        assert code == 1 and len(lines) == 1 and name in lines[0], lines
+    fewer = tmp_path / "fewer"  # other data: one HR volume instead of two
+    fewer.mkdir()
+    os.symlink(hr / "case0.nii.gz", fewer / "case0.nii.gz")
+    code, lines = _resume(run, "--hr-dir", str(fewer))
+    assert code == 1 and len(lines) == 1 and "HR patches" in lines[0] and "trained with" in lines[0], lines
+
+    code, lines = _resume(run, "--epochs", "2")  # no folders given: the run remembers them
+    assert code == 0, lines
+    assert any(line.startswith("Trained 4 steps (2 epochs)") for line in lines), lines
+    assert lines[-1] == f"Seeds drawn for this run (set them to repeat it): train.seed {result.seeds['train']}, " \
+                        f"data.seed {result.seeds['data']}"
+
+
+def test_more_epochs_are_refused_once_the_learning_rate_decays(training_folders, tmp_path):
+    run = tmp_path / "run"
+    cfg = Config.from_dict(TINY).override({"train": {"epochs": 2, "steps_per_epoch": 1, "decay_start_epoch": 1}})
+    train(cfg, *training_folders, run, progress=False)
+    code, lines = _resume(run, "--epochs", "3")
+    assert code == 1 and len(lines) == 1 and "train.epochs was 2" in lines[0] and "decaying" in lines[0], lines

@@ -69,19 +69,3 @@ def patches_at(image2d: np.ndarray, origins: np.ndarray, patch: int) -> np.ndarr
         return np.zeros((0, patch, patch), dtype=image2d.dtype)
     windows = sliding_window_view(image2d, (patch, patch))
     return np.ascontiguousarray(windows[origins[:, 0], origins[:, 1]])
-
-
-def extract_patches(image2d: np.ndarray, patch: int, stride: int, mask: np.ndarray | None = None,
-                    min_foreground: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Training patches on the covering grid, dropping those with too little foreground.
-
-    Returns ``(patches [N, patch, patch], origins [N, 2])``. Without a ``mask`` every grid patch is kept.
-    """
-    image2d = np.asarray(image2d)
-    if mask is None:
-        mask = np.ones(image2d.shape, dtype=bool)
-        min_foreground = 0.0
-    elif np.shape(mask) != image2d.shape:
-        raise ValueError(f"mask shape {np.shape(mask)} differs from image shape {image2d.shape}")
-    origins = select_origins(mask, patch, stride, min_foreground)
-    return patches_at(image2d, origins, patch), origins

@@ -155,11 +155,6 @@ class Volume:
             for k, arr in zip(group, self._gather(ax, group)):
                 yield k, self._finite(arr, k, ax)
 
-    def check_finite(self, axis: int = -1) -> None:
-        """Scan the whole volume slice by slice; InputError at the first NaN or Inf voxel."""
-        for _ in self.iter_slices(axis):
-            pass
-
     def _check_index(self, k: int, ax: int) -> int:
         n = self.shape[ax]
         if not -n <= int(k) < n:

@@ -4,6 +4,9 @@ mixed bfloat16 precision."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -257,3 +260,53 @@ def test_critic_gradients_never_reach_the_generators(rng):
     assert max(np.abs(a - v.numpy()).max() for a, v in zip(d_before, model.critic_variables)) > 1e-4
     for a, v in zip(g_before, model.generator_variables):
         np.testing.assert_array_equal(a, v.numpy())
+
+
+# ----- the critic's leaky ReLU --------------------------------------------------------------------
+
+def test_leaky_relu_equals_keras_in_values_and_gradients(rng):
+    from microsr_tf.models.discriminator import LeakyReLU
+
+    x = tf.constant(rng.normal(size=(2, 5, 5, 3)).astype(np.float32))
+    ours, keras_layer = LeakyReLU(0.2), keras.layers.LeakyReLU(negative_slope=0.2)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        a, b = ours(x), keras_layer(x)
+        loss_a, loss_b = tf.reduce_sum(a * x), tf.reduce_sum(b * x)
+    np.testing.assert_allclose(a, np.where(x > 0, x, 0.2 * x.numpy()), rtol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=1e-7)
+    np.testing.assert_allclose(tape.gradient(loss_a, x), tape.gradient(loss_b, x), rtol=1e-6)
+
+
+REMAPPER = '''
+import sys
+import keras
+import numpy as np
+import tensorflow as tf
+from microsr_tf.config import ModelConfig, TrainConfig
+from microsr_tf.models import discriminator
+from microsr_tf.models.cyclegan import build_cyclegan, make_optimizer
+
+def one_step():
+    tc = TrainConfig(batch_size=2)
+    model = build_cyclegan(ModelConfig(ngf=4, n_blocks=1, ndf=4, n_layers_d=2), tc, 32)
+    model.compile(make_optimizer(tc, 1, "g"), make_optimizer(tc, 1, "d"))
+    x = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
+    model.fit(tf.data.Dataset.from_tensors((x, x)).repeat(), epochs=1, steps_per_epoch=1, verbose=0)
+
+one_step()
+print("=== with keras.layers.LeakyReLU ===", file=sys.stderr, flush=True)
+discriminator.LeakyReLU = lambda slope: keras.layers.LeakyReLU(negative_slope=slope)
+one_step()
+'''
+
+
+def test_a_training_step_prints_no_remapper_error():
+    """Grappler's remapper fused Conv2D + BiasAdd + LeakyRelu and then failed on the gradient, printing
+    "remapper failed ... LeakyReluGrad" on every run; the control shows the check would see it."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "1"}
+    done = subprocess.run([sys.executable, "-c", REMAPPER], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, control = done.stderr.split("=== with keras.layers.LeakyReLU ===")
+    assert "remapper failed" in control and "LeakyReluGrad" in control
+    assert "remapper failed" not in ours

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from microsr_tf.patches import extract_patches, patch_origins, patches_at, select_origins, tile_grid
+from microsr_tf.patches import patch_origins, patches_at, select_origins, tile_grid
 
 
 @pytest.mark.parametrize("length", [1, 31, 32, 33, 63, 64, 65, 96, 100, 257])
@@ -51,9 +51,10 @@ def test_tile_grid_covers_every_pixel(shape):
     assert covered.all()
 
 
-def test_extract_patches_without_mask_matches_slicing(rng):
+def test_patches_on_the_full_grid_match_slicing(rng):
     image = rng.random((70, 90)).astype(np.float32)
-    patches, origins = extract_patches(image, 32, 16)
+    origins = select_origins(np.ones(image.shape, bool), 32, 16, 0.0)
+    patches = patches_at(image, origins, 32)
     n_rows = math.ceil((70 - 32) / 16) + 1
     n_cols = math.ceil((90 - 32) / 16) + 1
     assert patches.shape == (n_rows * n_cols, 32, 32)
@@ -62,18 +63,18 @@ def test_extract_patches_without_mask_matches_slicing(rng):
         np.testing.assert_array_equal(p, image[r:r + 32, c:c + 32])
 
 
-def test_extract_patches_rejects_background():
+def test_foreground_filter_rejects_background():
     image = np.zeros((96, 96), dtype=np.float32)
     image[0:40, 0:40] = 1.0  # bright square in the top-left corner
     mask = image > 0.5
-    patches, origins = extract_patches(image, 32, 32, mask=mask, min_foreground=0.25)
+    origins = select_origins(mask, 32, 32, 0.25)
+    patches = patches_at(image, origins, 32)
     # grid origins 0, 32, 64: the square fills (0,0) fully; (0,32) and (32,0) hold 8*32/1024 = 25%;
     # (32,32) holds 64/1024 = 6.25%; the rest nothing.
     assert sorted(map(tuple, origins.tolist())) == [(0, 0), (0, 32), (32, 0)]
     fractions = [(p > 0.5).mean() for p in patches]
     assert min(fractions) >= 0.25
-    everything, _ = extract_patches(image, 32, 32, mask=mask, min_foreground=0.0)
-    assert len(everything) == 9
+    assert len(select_origins(mask, 32, 32, 0.0)) == 9
 
 
 def test_select_origins_matches_brute_force(rng):
@@ -87,11 +88,6 @@ def test_select_origins_matches_brute_force(rng):
 
 
 def test_image_smaller_than_patch_yields_nothing():
-    patches, origins = extract_patches(np.ones((20, 50), np.float32), 32, 16)
-    assert patches.shape == (0, 32, 32) and origins.shape == (0, 2)
+    origins = select_origins(np.ones((20, 50), bool), 32, 16, 0.0)
+    assert patches_at(np.ones((20, 50), np.float32), origins, 32).shape == (0, 32, 32) and origins.shape == (0, 2)
     assert patches_at(np.ones((40, 40)), np.zeros((0, 2)), 32).shape == (0, 32, 32)
-
-
-def test_extract_patches_checks_mask_shape():
-    with pytest.raises(ValueError):
-        extract_patches(np.ones((40, 40)), 32, 16, mask=np.ones((40, 41), bool), min_foreground=0.1)

@@ -109,15 +109,14 @@ def test_five_sigkills_each_resumed_lose_at_most_one_interval_and_end_as_the_str
                                    settle=float(rng.uniform(0.0, 0.4)))
         steps = _steps(lines)
         assert steps[0] == restored + 1 and steps == list(range(steps[0], steps[-1] + 1))  # resumed right after
-        latest = latest_checkpoint(run)
-        assert latest is not None
-        saved = int(latest.rsplit("-", 1)[1])
+        latest = latest_checkpoint(run)  # None: killed before the first checkpoint, --resume starts at 0
+        saved = int(latest.rsplit("-", 1)[1]) if latest else 0
         # the last printed step had been checkpointed already when it was printed, or is one interval
         # from the last checkpoint: at most one interval is redone
         assert steps[-1] - EVERY < saved <= steps[-1] + 1
-        state = tf.train.get_checkpoint_state(run / "checkpoints")
-        for path in state.all_model_checkpoint_paths:  # every checkpoint the run lists is readable
-            assert _checkpoint_tensors(path)
+        if latest:
+            for path in tf.train.get_checkpoint_state(run / "checkpoints").all_model_checkpoint_paths:
+                assert _checkpoint_tensors(path)  # every checkpoint the run lists is readable
         assert not (run / "generator.keras").exists()
         assert saved < STEPS, "the run finished before it could be killed"
         restored = saved
@@ -154,13 +153,14 @@ def test_resume_in_the_other_precision(training_folders, tmp_path, first, then):
     cfg = Config.from_dict(TINY).override({"train": {"precision": first}})
     train(cfg, *training_folders, run, progress=False)
     tensors = _checkpoint_tensors(latest_checkpoint(run))
-    assert {t.dtype for name, t in tensors.items() if "/g_l/" in f"/{name}"} == {np.dtype("float32")}
+    weights = [t for name, t in tensors.items() if "/_trainable_variables/" in name]  # of all four networks
+    assert len(weights) > 40 and {t.dtype for t in weights} == {np.dtype("float32")}
     other = cfg.override({"train": {"precision": then}})
     result = train(other, None, None, run, resume=True, progress=False)  # nothing left to train
     assert result.steps == 2 and result.history == []
     saved, _ = load_generator(run / "generator.keras")
-    g_l = {name: t for name, t in tensors.items() if name.startswith("g_l/")}
-    assert sorted(np.asarray(w).tobytes() for w in saved.get_weights()) == sorted(t.tobytes() for t in g_l.values())
+    stored = {t.tobytes() for t in weights}
+    assert len(saved.get_weights()) > 20 and all(np.asarray(w).tobytes() in stored for w in saved.get_weights())
     result = train(other.override({"train": {"epochs": 2}}), None, None, run, resume=True, progress=False)
     assert result.steps == 4 and np.isfinite(result.history[-1]["g_loss"])
 

@@ -3,7 +3,8 @@
 Writes synthetic temporal-bone phantoms (``microsr_tf.phantoms.write_phantoms``: .nii.gz, LR about 8x
 coarser in-plane) into a temporary directory, indexes them, prepares shards in each storage dtype, then
 times the same ``TrainingData.dataset`` stream from each source side by side, in turns, and prints a
-table with the speed-up over NIfTI and the machine it ran on.
+table with the speed-up over NIfTI and the machine it ran on. It also times the first batch of a
+stream started at step 0 and at step 10^6 (what a resumed run pays to reach its position).
 
     python benchmarks/bench_pipeline.py [--subjects 3] [--size small] [--patch-size 64] [--batches 60] [--repeats 3]
 """
@@ -36,6 +37,13 @@ def time_batches(it, batch_size: int, n_batches: int) -> float:
     return 2 * batch_size * n_batches / (time.perf_counter() - start)
 
 
+def first_batch_s(data, batch_size: int, start_step: int) -> float:
+    """Seconds from building the stream at ``start_step`` to its first batch."""
+    start = time.perf_counter()
+    lr, _ = next(iter(data.dataset(batch_size, start_step=start_step)))
+    _ = float(lr[0, 0, 0, 0])
+    return time.perf_counter() - start
+
 
 
 
@@ -55,7 +63,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds over all sources (median reported)")
     args = ap.parse_args()
 
-    cfg = DataConfig(patch_size=args.patch_size, stride=args.stride, shuffle_buffer=256)
+    cfg = DataConfig(patch_size=args.patch_size, stride=args.stride, shuffle_buffer=256, seed=0)
     sources = []  # (name, setup, MiB on disk, TrainingData)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -80,6 +88,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for it, runs in zip(iterators, rates):
                 runs.append(time_batches(it, args.batch_size, args.batches))
+        starts = [[first_batch_s(data, args.batch_size, step) for step in (0, 10**6)] for *_, data in sources]
     medians = [float(np.median(runs)) for runs in rates]
 
     print(f"machine: {machine.describe()}")
@@ -87,10 +96,11 @@ def main() -> None:
     print(f"data: {args.subjects} LR {spec.lr_shape} + {args.subjects} HR {spec.hr_shape} '{spec.name}' phantoms; "
           f"{nifti.n_lr_patches} LR / {nifti.n_hr_patches} HR patches of "
           f"{args.patch_size} px at stride {args.stride}; batch {args.batch_size}, {args.batches} timed batches")
-    print(f"| source | setup s | on disk MiB | patches/s (median of {args.repeats}) | vs NIfTI |")
-    print("|---|---:|---:|---:|---:|")
-    for (name, setup, mib, _), rate in zip(sources, medians):
-        print(f"| {name} | {setup} | {mib:.1f} | {rate:.0f} | {rate / medians[0]:.1f}x |")
+    print(f"| source | setup s | on disk MiB | patches/s (median of {args.repeats}) | vs NIfTI "
+          "| first batch from step 0 / 10^6 s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (name, setup, mib, _), rate, (at0, far) in zip(sources, medians, starts):
+        print(f"| {name} | {setup} | {mib:.1f} | {rate:.0f} | {rate / medians[0]:.1f}x | {at0:.2f} / {far:.2f} |")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-import yaml
 
 from microsr_tf.config import MAX_SEED, Config
 from microsr_tf.errors import ConfigError, InputError, MicrosrError
@@ -146,8 +145,7 @@ def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> tuple[Config | N
     if not saved_path.is_file():
         raise InputError(run_dir, "has no checkpoint to resume from" if latest_checkpoint(run_dir) is None
                          else f"has checkpoints but no {CONFIG_FILE}; cannot check the resumed run's settings")
-    with open(saved_path, encoding="utf-8") as fh:
-        saved = Config.from_dict(yaml.safe_load(fh) or {}, source=str(saved_path))
+    saved = Config.load(saved_path)
     for section in ("data", "model", "train"):
         for f in dataclasses.fields(getattr(cfg, section)):
             key = f"{section}.{f.name}"
@@ -249,8 +247,9 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
 
     ``lr_dir``/``hr_dir`` default to ``cfg.data.lr_dir``/``hr_dir`` (a resumed run finds them in its
     ``config.yaml``). With ``resume`` the run continues exactly from the newest checkpoint in
-    ``run_dir`` (from step 0 if it was stopped before its first checkpoint). Raises :class:`InputError` / :class:`ConfigError` for user mistakes and
-    :class:`TrainingDiverged` on a NaN/Inf loss.
+    ``run_dir`` (from step 0 if it was stopped before its first checkpoint). Raises
+    :class:`InputError` / :class:`ConfigError` for user mistakes and :class:`TrainingDiverged` on a
+    NaN/Inf loss.
     """
     cfg = _with_data_folders(cfg.validate(), lr_dir, hr_dir)
     tc = cfg.train

@@ -256,24 +256,6 @@ def test_keras_file_round_trip(rng, tmp_path):
     np.testing.assert_array_equal(loaded(x, seed=rows), expected)
 
 
-def test_saved_model_export_keeps_dropout_on(rng, tmp_path):
-    gen = tiny("bottleneck")
-    x = image(rng, 2, 32, 32)
-    gen(x)
-    module = tf.Module()
-    module.generator = gen
-    module.sample = tf.function(lambda x: gen(x), input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)])
-    module.sample_seeded = tf.function(
-        lambda x, seed: gen(x, seed=seed),
-        input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32), tf.TensorSpec([None, 2], tf.int32)])
-    tf.saved_model.save(module, str(tmp_path / "export"))
-    loaded = tf.saved_model.load(str(tmp_path / "export"))
-    a, b = loaded.sample(x).numpy(), loaded.sample(x).numpy()
-    assert a.shape == (2, 32, 32, 1) and np.abs(a - b).max() > 1e-4
-    rows = seeds([1, 2], [3, 4])
-    np.testing.assert_allclose(loaded.sample_seeded(x, rows), gen(x, seed=rows), atol=1e-6)
-
-
 def test_mirrored_replicas_draw_different_masks(rng, two_cpus):
     strategy = tf.distribute.MirroredStrategy(two_cpus)
     with strategy.scope():

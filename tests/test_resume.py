@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 from click.testing import CliRunner
 
 from microsr_tf.cli.main import cli
@@ -173,13 +174,20 @@ def _resume(run, *flags):
 def test_changed_settings_are_refused_by_name_but_more_epochs_and_null_seeds_continue(training_folders, tmp_path):
     lr, hr = training_folders
     run = tmp_path / "run"
-    result = train(Config.from_dict(TINY), lr, hr, run, progress=False)  # null seeds: drawn, kept
-    assert set(result.seeds) == {"train", "data"}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))  # null seeds: drawn at the start, kept in the checkpoint
+    first = CliRunner().invoke(cli, ["train", "--config", str(config), "--lr-dir", str(lr), "--hr-dir", str(hr),
+                                     "--out", str(run)])
+    assert first.exit_code == 0, first.output
+    assert "Trained 2 steps (1 epoch): " in first.output
+    drawn = re.search(r"^Seeds drawn for this run \(set them to repeat it\): train\.seed (\d+), data\.seed (\d+)$",
+                      first.output, re.M)
+    seeds = {"train": int(drawn.group(1)), "data": int(drawn.group(2))}
     for flags, name in [(["--batch-size", "4"], "train.batch_size was 2"), (["--ngf", "8"], "model.ngf was 4"),
                         (["--steps-per-epoch", "3"], "train.steps_per_epoch was 2"),
                         (["--lambda-rec", "5"], "train.lambda_rec was 10.0"),
                         (["--stride", "8"], "data.stride was 16"),
-                        (["--seed", "7"], f"train.seed is 7 now but this run used {result.seeds['train']}")]:
+                        (["--seed", "7"], f"train.seed is 7 now but this run used {seeds['train']}")]:
         code, lines = _resume(run, *flags)
         assert code == 1 and len(lines) == 1 and name in lines[0], lines
     fewer = tmp_path / "fewer"  # other data: one HR volume instead of two
@@ -191,8 +199,7 @@ def test_changed_settings_are_refused_by_name_but_more_epochs_and_null_seeds_con
     code, lines = _resume(run, "--epochs", "2")  # no folders given: the run remembers them
     assert code == 0, lines
     assert any(line.startswith("Trained 4 steps (2 epochs)") for line in lines), lines
-    assert lines[-1] == f"Seeds drawn for this run (set them to repeat it): train.seed {result.seeds['train']}, " \
-                        f"data.seed {result.seeds['data']}"
+    assert lines[-1] == first.output.strip().splitlines()[-1]  # the same drawn seeds
 
 
 def test_more_epochs_are_refused_once_the_learning_rate_decays(training_folders, tmp_path):

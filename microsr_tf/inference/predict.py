@@ -35,6 +35,7 @@ META_KEYS = ("hr_spacing", "factors", "hr_stats")  # what prediction reads from 
 
 Roi = Sequence[tuple[int | None, int | None]]
 Progress = Callable[[int, int, float], None]
+SliceEngine = Callable[[np.ndarray, int], MCResult]  # (normalised HR-grid slice, slice seed) -> posterior
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def predict_volume(
     progress: Progress | None = None,
     precision: str = "float32",
     normalize: str = "volume",
+    engine: SliceEngine | None = None,
 ) -> PredictResult:
     """Super-resolve one LR volume into ``NAME_mean.nii.gz`` and ``NAME_var.nii.gz`` under ``out_dir``.
 
@@ -162,7 +164,10 @@ def predict_volume(
     affine places that sub-volume in world space. Slice ``k`` always uses the dropout seed derived
     from ``(seed, k)``, so its result does not depend on which other slices are processed.
     ``precision="bfloat16"`` runs the generator's convolutions in bfloat16 (faster on CPUs with AMX).
-    ``normalize`` chooses the LR intensity statistics (see :func:`input_stats`).
+    ``normalize`` chooses the LR intensity statistics (see :func:`input_stats`). ``engine`` replaces the
+    local Monte Carlo posterior of one normalised HR-grid slice (``engine(slice, slice_seed) -> MCResult``,
+    e.g. a TF-Serving client); everything else -- reading, resampling, normalising, seeds, units,
+    writing -- stays the same, so the files equal a local run's when the engine computes the same.
     """
     check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
                   percentiles=percentiles, precision=precision, normalize=normalize)
@@ -177,7 +182,13 @@ def predict_volume(
     lr_stats = input_stats(vol, ax, plan.factors, meta, normalize)
     hr_stats = IntensityStats.from_dict(meta["hr_stats"])
     (i0, i1), (j0, j1) = [r for d, r in enumerate(plan.roi) if d != ax]
-    predictor = MonteCarloPredictor(generator, samples=samples, percentiles=tuple(percentiles), precision=precision)
+    if engine is None:
+        predictor = MonteCarloPredictor(generator, samples=samples, percentiles=tuple(percentiles),
+                                        precision=precision)
+
+        def engine(image: np.ndarray, slice_seed_: int) -> MCResult:
+            predictor.seed = slice_seed_
+            return predict_slice(predictor, image, mode=stitch, tile=tile, overlap=overlap, batch_size=batch_size)
     middle = ks[len(ks) // 2]
     panel = None
     convergence: dict[str, float] = {}
@@ -187,8 +198,7 @@ def predict_volume(
                    for key, path in paths.items() if key != "preview"}
         for done, (k, raw) in enumerate(vol.iter_slices(ax, ks), start=1):
             lr_up = lr_stats.normalize(resample_slice(raw[i0:i1, j0:j1], plan.factors))
-            predictor.seed = slice_seed(seed, k)
-            res = predict_slice(predictor, lr_up, mode=stitch, tile=tile, overlap=overlap, batch_size=batch_size)
+            res = engine(lr_up, slice_seed(seed, k))
             for key, arr in _to_hr_units(res, hr_stats, write_std).items():
                 writers[key].write_slice(k - ks.start, arr)
             for key, value in res.convergence.items():

@@ -431,3 +431,13 @@ def test_page_assets_ship_in_the_wheel(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for asset in ("rating_page.html", "rating_page.css", "rating_page.js", "rating_study.py", "rating_report.py"):
         assert f"microsr_tf/evaluation/{asset}" in names
+
+
+def test_ci_installs_chromium_then_runs_exactly_the_readme_test_command():
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    (command,) = re.findall(r"^(pip install -e \"\.\[test\]\" && python -m pytest -q)\s", readme, re.M)
+    ci = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
+    assert ci[-1] == command
+    install = next(i for i, line in enumerate(ci) if "apt-get install -y chromium chromium-driver" in line)
+    assert install < len(ci) - 1 and re.search(r"apt-get install\s+chromium\s+chromium-driver", readme)

@@ -203,10 +203,10 @@ def render_page(data: dict) -> str:
     """The study page: the template with its CSS, script and the study's JSON inlined."""
     payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")  # no "</script>" inside
     page = _page_asset("rating_page.html")
-    for marker, text in (("/*{{style}}*/", _page_asset("rating_page.css")),
+    for marker, text in (("{{study_id}}", data["study_id"]),
+                         ("/*{{style}}*/", _page_asset("rating_page.css")),
                          ("/*{{script}}*/", _page_asset("rating_page.js")),
-                         ("{{data}}", payload),
-                         ("{{study_id}}", data["study_id"])):
+                         ("{{data}}", payload)):  # last: nothing is substituted inside the data
         if marker not in page:
             raise RuntimeError(f"page template lacks {marker}")
         page = page.replace(marker, text)

@@ -197,7 +197,8 @@ def test_rate_every_trial_reload_export_and_report(study, browser, tmp_path):
     assert not severe, severe  # no script errors and no blocked (network) loads
 
     out = tmp_path / "report"
-    run = CliRunner().invoke(cli, ["rating-study", "report", str(exported), "--key", str(result.key), "--out", str(out)])
+    run = CliRunner().invoke(cli, ["rating-study", "report", str(exported), "--key", str(result.key),
+                                   "--out", str(out)])
     assert run.exit_code == 0, run.output
     with open(out / "pairwise.csv", newline="", encoding="utf-8") as fh:
         report = {(r["criterion"], r["method_a"], r["method_b"]): r for r in csv.DictReader(fh)}

@@ -304,7 +304,8 @@ def test_report_matches_hand_computed_statistics(tmp_path):
     a = summary["resolution_noise", "A"]
     assert (int(a["n"]), float(a["median"]), float(a["mean"]), float(a["q1"]), float(a["q3"])) == (3, 5, 5, 4.5, 5.5)
     md = (out / "report.md").read_text()
-    assert "| Resolution and noise | A | B | 3 | 3 | 7.5 |" in md and "![Ratings per method and criterion](boxplots.png)" in md
+    assert "| Resolution and noise | A | B | 3 | 3 | 7.5 |" in md
+    assert "![Ratings per method and criterion](boxplots.png)" in md
     png = cv2.imread(str(out / "boxplots.png"))
     assert png is not None and png.shape[0] > 300 and png.shape[1] > 500
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left

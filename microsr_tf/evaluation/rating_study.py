@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -56,7 +55,6 @@ class Method:
     """One ``NAME=DIR`` of the command line and the posterior-mean file it points to."""
 
     name: str
-    directory: Path
     mean_path: Path
 
 
@@ -72,6 +70,8 @@ class Placement:
 
 @dataclass(frozen=True)
 class StudyResult:
+    """What ``make_study`` wrote: the page for raters, the key, and the trials' slices."""
+
     study_id: str
     page: Path
     key: Path
@@ -109,7 +109,7 @@ def parse_methods(specs: Sequence[str], lr_path: str | os.PathLike) -> list[Meth
         if not mean.is_file():
             raise InputError(mean, f"not found: method {name!r} has no posterior mean for {Path(lr_path).name} "
                                    f"(run `microsr-tf predict {lr_path} --out-dir {folder}`)")
-        methods.append(Method(name, folder, mean))
+        methods.append(Method(name, mean))
     return methods
 
 
@@ -242,7 +242,7 @@ def make_study(lr_path: str | os.PathLike, method_specs: Sequence[str], out_dir:
     methods = parse_methods(method_specs, lr_path)
     preds = [open_volume(m.mean_path) for m in methods]
     placement = place_on_lr(lr, preds[0])
-    for method, pred in zip(methods[1:], preds[1:]):
+    for pred in preds[1:]:
         if pred.shape != preds[0].shape:
             raise InputError(pred.path, f"shape {pred.shape} differs from {preds[0].path} {preds[0].shape}; "
                                         "every method must predict the same grid")
@@ -270,9 +270,6 @@ def make_study(lr_path: str | os.PathLike, method_specs: Sequence[str], out_dir:
     for method, pred in zip(methods, preds):
         say(f"method {method.name}: {pred.path}")
         arrs = [arr for _, arr in pred.iter_slices(ax, slices)]
-        if arrs[0].shape != lr_up[0].shape:  # place_on_lr makes this impossible; kept as a guard
-            raise InputError(pred.path, f"slice shape {arrs[0].shape} differs from the upsampled input "
-                                        f"{lr_up[0].shape}")
         windows[method.name] = display_window(arrs)
         images[method.name] = [png_data_uri(to_grey(a, windows[method.name])) for a in arrs]
 
@@ -281,7 +278,7 @@ def make_study(lr_path: str | os.PathLike, method_specs: Sequence[str], out_dir:
     width = max(2, len(str(len(pairs))))
     trials = [(f"t{i + 1:0{width}d}", *pairs[p]) for i, p in enumerate(order)]
     digest = hashlib.sha256(json.dumps([seed, str(Path(lr_path).resolve()), list(slices), trials]).encode())
-    for tid, name, s in trials:
+    for _, name, s in trials:
         digest.update(hashlib.sha256(images[name][s].encode()).digest())
     for uri in lr_images:
         digest.update(hashlib.sha256(uri.encode()).digest())

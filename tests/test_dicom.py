@@ -288,6 +288,16 @@ def test_bad_series_is_refused_in_one_line_naming_the_folder_or_file(tmp_path, c
         assert word in text, text
 
 
+def test_outputs_are_named_after_the_series_folder(tmp_path, monkeypatch):
+    from microsr_tf.inference.predict import plan_volume
+
+    write_series(tmp_path / "ear01", stored_volume((8, 6, 3)), AXIAL)
+    meta = {"hr_spacing": [0.1, 0.125], "factors": [4.0, 4.0], "hr_stats": {}}
+    assert plan_volume(f"{tmp_path / 'ear01'}/", meta).name == "ear01"
+    monkeypatch.chdir(tmp_path / "ear01")
+    assert plan_volume(".", meta).name == "ear01"
+
+
 def test_cli_refuses_a_bad_series_in_one_line_and_writes_nothing(tmp_path):
     _refusal_case("missing_slice", tmp_path / "series")
     out = tmp_path / "out"

@@ -209,7 +209,7 @@ def plan_volume(input_path: str | os.PathLike, meta: Mapping[str, Any], roi: Roi
         roi_shape = resampled_shape(roi_shape, axis, resampling.factors)
         origin = resampled_affine(origin, axis, resampling.factors)
     return VolumePlan(
-        input_path=input_path, name=nifti_stem(input_path), volume=vol, axis=axis, roi=roi,
+        input_path=input_path, name=nifti_stem(os.path.abspath(input_path)), volume=vol, axis=axis, roi=roi,
         factors=factors, out_shape=tuple(int(n) for n in resampled_shape(roi_shape, axis, factors)),
         out_affine=np.asarray(resampled_affine(origin, axis, factors)), resampling=resampling)
 

@@ -102,7 +102,8 @@ def test_axial_series_geometry_and_rescale_by_hand(tmp_path):
     assert vol.spacing == pytest.approx((0.4, 0.5, 1.2))
     assert vol.in_plane_spacing(-1) == pytest.approx((0.4, 0.5))
     # By hand: IOP (1,0,0, 0,1,0), IPP_k = (-10, 20, 5 + 1.2 k), PixelSpacing (0.5, 0.4) between (rows, columns):
-    # voxel (i = column, j = row, k) is at LPS (-10 + 0.4 i, 20 + 0.5 j, 5 + 1.2 k) = RAS (10 - 0.4 i, -20 - 0.5 j, 5 + 1.2 k).
+    # voxel (i = column, j = row, k) is at LPS (-10 + 0.4 i, 20 + 0.5 j, 5 + 1.2 k),
+    # which is RAS (10 - 0.4 i, -20 - 0.5 j, 5 + 1.2 k).
     hand = np.array([[-0.4, 0, 0, 10.0], [0, -0.5, 0, -20.0], [0, 0, 1.2, 5.0], [0, 0, 0, 1]])
     np.testing.assert_allclose(vol.affine, hand, atol=1e-9)
     for k in range(7):

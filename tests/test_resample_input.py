@@ -220,6 +220,12 @@ def test_cli_resample_input_end_to_end(tmp_path, model_dir):
         np.testing.assert_allclose(world(img.affine, [-0.5, -0.5, 0]), world(affine, [-0.5, -0.5, 0]), atol=1e-5)
 
 
+def test_the_recorded_resampling_always_fits_the_nifti_description():
+    assert len(InputResampling((0.0001234, 0.0005678), (0.4567891, 0.1234567)).description()) <= 80
+    text = InputResampling((0.15, 0.15), (0.48, 0.48)).description()
+    assert text == "microsr-tf: input 0.15x0.15 mm resampled to 0.48x0.48 mm (bicubic)"
+
+
 def test_library_refusal_names_the_option(tmp_path):
     src, _ = write_scan(tmp_path / "fine.nii.gz", 0.2, fov=4.0)
     with pytest.raises(InputError, match="resample_input=True"):

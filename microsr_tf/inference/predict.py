@@ -66,9 +66,13 @@ class InputResampling:
                 "method": "Keys bicubic (a = -0.5), kernel stretched by the ratio on coarsened axes"}
 
     def description(self) -> str:
-        """The NIfTI ``descrip`` of the outputs (at most 80 characters)."""
-        return (f"microsr-tf: input {_fmt(self.from_spacing, 'x')} mm resampled to "
-                f"{_fmt(self.to_spacing, 'x')} mm (bicubic)")
+        """The NIfTI ``descrip`` of the outputs, shortened for spacings too long to fit its 80 characters."""
+        src, dst = _fmt(self.from_spacing, "x"), _fmt(self.to_spacing, "x")
+        for text in (f"microsr-tf: input {src} mm resampled to {dst} mm (bicubic)",
+                     f"microsr-tf: input {src} mm resampled to {dst} mm", f"microsr-tf: input resampled to {dst} mm"):
+            if len(text) <= 80:
+                return text
+        return "microsr-tf: input resampled to the model's LR spacing"
 
 
 @dataclass(frozen=True)

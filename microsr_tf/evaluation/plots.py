@@ -63,7 +63,7 @@ def calibration(rows: Sequence[Row], path: str | os.PathLike) -> None:
         ax.plot(std, rmse, "o-", label=row.name)
         top = max(top, float(np.max(std)), float(np.max(rmse)))
     ax.plot([0, top], [0, top], "k--", lw=1, label="calibrated")
-    ax.set_xlabel("predicted std (bin mean, HR [0, 1] scale)")
+    ax.set_xlabel("predicted std (RMS per bin, HR [0, 1] scale)")
     ax.set_ylabel("observed RMSE")
     ax.set_title("Uncertainty calibration")
     ax.legend(fontsize=8)

@@ -1,8 +1,9 @@
 """Uncertainty quality on paired data: does the predicted standard deviation say where the errors are?
 
 * **Spearman** rank correlation between predicted std and absolute error (``scipy.stats.spearmanr``).
-* **Calibration curve**: pixels in equal-count bins of predicted std; per bin the mean predicted std
-  against the observed RMSE. A calibrated model lies on the diagonal; the overall ratio RMSE / RMS std
+* **Calibration curve**: pixels in equal-count bins of predicted std; per bin the root-mean-square
+  predicted std against the observed RMSE (both root-mean-square, so a model whose errors have exactly
+  the predicted std lies on the diagonal whatever the spread of std inside a bin); the overall ratio RMSE / RMS std
   summarises it (1 calibrated, above 1 over-confident).
 * **Sparsification** (Ilg et al., "Uncertainty Estimates and Multi-Hypotheses Networks for Optical
   Flow", ECCV 2018): remove the fraction ``f`` of pixels with the highest predicted std and take the
@@ -40,12 +41,12 @@ def rmse_ratio(std: np.ndarray, error: np.ndarray) -> float:
 
 
 def calibration_curve(std: np.ndarray, error: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """``(mean predicted std, observed RMSE)`` per equal-count bin of predicted std (ascending)."""
+    """``(RMS predicted std, observed RMSE)`` per equal-count bin of predicted std (ascending)."""
     std = np.ravel(std).astype(np.float64)
     error = np.ravel(error).astype(np.float64)
     order = np.argsort(std, kind="stable")
     groups = [g for g in np.array_split(order, min(bins, std.size)) if g.size]
-    return (np.array([std[g].mean() for g in groups]),
+    return (np.array([np.sqrt(np.mean(std[g] ** 2)) for g in groups]),
             np.array([np.sqrt(np.mean(error[g] ** 2)) for g in groups]))
 
 

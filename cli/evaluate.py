@@ -25,6 +25,9 @@ from ._common import user_errors
 @click.option("--model", default=None, metavar="PATH",
               help="The model that made the predictions (run dir, .keras or SavedModel): bicubic is then mapped to "
                    "HR units with its HR statistics, exactly as predict maps. Default: the HR set's statistics.")
+@click.option("--normalize", type=click.Choice(["volume", "model"]), default="volume", show_default=True,
+              help="How predict normalised the LR scan (its --normalize), so bicubic gets the same mapping; "
+                   "'model' needs --model.")
 @click.option("--hu-distance", type=click.Choice(["I1", "I2", "I3"]), default="I1", show_default=True,
               help="OpenCV matchShapes distance between log-scaled Hu moments (see README: Evaluation).")
 @click.option("--threshold", type=float, default=None,
@@ -37,7 +40,7 @@ from ._common import user_errors
               help="Seed of the pixel subsamples and of the random sparsification ordering.")
 @click.option("--overwrite", is_flag=True, help="Replace a report folder that already holds files.")
 @user_errors
-def command(lr_path, hr_dir, pred_specs, paired_hr, out_dir, model, hu_distance, threshold, lr_psf_fwhm, axis,
+def command(lr_path, hr_dir, pred_specs, paired_hr, out_dir, model, normalize, hu_distance, threshold, lr_psf_fwhm, axis,
             seed, overwrite) -> None:
     """Evaluate super-resolved volumes: one row per method (bicubic always), m-HuM, LR consistency, realism,
     periodic artefacts, paired PSNR/SSIM and uncertainty quality when an aligned HR is given."""
@@ -48,7 +51,7 @@ def command(lr_path, hr_dir, pred_specs, paired_hr, out_dir, model, hu_distance,
                         seed=seed).validate()
     predictions = parse_predictions(pred_specs)
     plan = plan_evaluation(lr_path, hr_dir, predictions, out_dir, paired_hr=paired_hr, model=model, axis=axis,
-                           overwrite=overwrite)
+                           overwrite=overwrite, normalize=normalize)
     stale = stale_report_folders(out_dir)
     if stale:
         click.echo(f"note: {len(stale)} temporary folder(s) of an interrupted run are ignored and can be deleted: "

@@ -127,6 +127,13 @@ def test_evaluate_arrays_scores_a_perfect_copy_perfectly_and_sees_a_checkerboard
     assert copy["unc_ause"] == pytest.approx(copy["unc_ause_random"], abs=0.1)
     assert {c.key for c in ev.columns} == set(DIRECTIONS)
 
+    # Samples behind distributions and uncertainty are bounded by Settings.max_samples.
+    small = evaluate_arrays(lr, hr_set, {"copy": (truth, np.full(truth.shape, 100.0))}, paired_hr=truth,
+                            settings=Settings(max_samples=1000))
+    assert 0 < small.row("copy").uncertainty_pixels <= 1000
+    assert ev.row("copy").uncertainty_pixels == truth.size  # the whole bone box when the budget allows
+    assert len(small.row("copy").gradients) <= 1000
+
     # Without a paired truth each montage slice is shown next to the HR-set slice closest in shape.
     unpaired = evaluate_arrays(lr, hr_set, {"copy": truth}, settings=Settings(montage_slices=2))
     panels = unpaired.row("copy").montage
@@ -149,6 +156,7 @@ def phantom_case(tmp_path_factory):
     """A tiny phantom set, its test subject predicted by the bundled model on four slices at T = 4, and a
     second method that has only the mean (no variance file)."""
     from microsr_tf.export import load_model
+    from microsr_tf.inference.mc import MCResult
     from microsr_tf.inference.predict import predict_volume
 
     root = tmp_path_factory.mktemp("eval")
@@ -157,16 +165,21 @@ def phantom_case(tmp_path_factory):
     gen, meta = load_model(BUNDLED)
     roi = ((None, None), (None, None), ROI_SLICES)
     predict_volume(files["test_lr"], gen, meta, root / "cyclegan", samples=4, seed=0, roi=roi)
+    # predict with an identity network (through predict's slice-engine seam): its mean is the network's
+    # input in HR units, which is what evaluate's bicubic row claims to be.
+    identity = lambda image, seed: MCResult(mean=image, var=np.zeros_like(image), samples=2, seed=seed)  # noqa: E731
+    predict_volume(files["test_lr"], gen, meta, root / "identity", samples=2, seed=0, roi=roi, engine=identity)
     (root / "meanonly").mkdir()
     stem = files["test_lr"].name[: -len(".nii.gz")]
     os.link(root / "cyclegan" / f"{stem}_mean.nii.gz", root / "meanonly" / f"{stem}_mean.nii.gz")
     return {"root": root, "lr": files["test_lr"], "hr": files["test_hr"], "hr_dir": root / "ph" / "hr",
-            "pred": root / "cyclegan", "meanonly": root / "meanonly", "stem": stem, "meta": meta}
+            "pred": root / "cyclegan", "meanonly": root / "meanonly", "identity": root / "identity", "stem": stem, "meta": meta}
 
 
 def evaluate_args(case, out, *extra):
     return ["--lr", case["lr"], "--hr-dir", case["hr_dir"], "--pred", f"cyclegan={case['pred']}",
-            "--pred", f"meanonly={case['meanonly']}", "--paired-hr", case["hr"], "--out", out, *extra]
+            "--pred", f"meanonly={case['meanonly']}", "--pred", f"identity={case['identity']}",
+            "--paired-hr", case["hr"], "--out", out, *extra]
 
 
 def read_csv(path):
@@ -183,14 +196,15 @@ def test_evaluate_writes_the_report_on_phantom_predictions(phantom_case, tmp_pat
     assert "HR set 1/2" in result.stderr and "cyclegan: 4/4 slices" in result.stderr  # progress
     assert sorted(os.listdir(out)) == sorted([
         "report.md", "metrics.csv", "metrics.json", "montage_bicubic.png", "montage_cyclegan.png",
-        "montage_meanonly.png", "calibration.png", "sparsification.png", "realism.png"])
+        "montage_meanonly.png", "montage_identity.png", "calibration.png", "sparsification.png", "realism.png"])
     for png in [f for f in os.listdir(out) if f.endswith(".png")]:
         img = cv2.imread(str(out / png))
         assert img is not None and min(img.shape[:2]) > 200, png
 
     rows = read_csv(out / "metrics.csv")
-    assert [r["method"] for r in rows] == ["bicubic", "cyclegan", "meanonly", "micro-CT truth", "micro-CT held out"]
-    assert [r["kind"] for r in rows] == ["method"] * 3 + ["reference"] * 2
+    assert [r["method"] for r in rows] == ["bicubic", "cyclegan", "meanonly", "identity", "micro-CT truth",
+                                           "micro-CT held out"]
+    assert [r["kind"] for r in rows] == ["method"] * 4 + ["reference"] * 2
     assert list(rows[0]) == ["method", "kind", *DIRECTIONS]
     by = {r["method"]: r for r in rows}
     for key in DIRECTIONS:
@@ -201,11 +215,15 @@ def test_evaluate_writes_the_report_on_phantom_predictions(phantom_case, tmp_pat
         assert by["meanonly"][key] == by["cyclegan"][key]  # the same mean file
     for key in ("psnr", "hum_paired", "unc_ause"):
         assert by["micro-CT truth"][key] == ""
+    for key in [k for k in DIRECTIONS if not k.startswith("unc_")]:  # bicubic is predict's input in HR units
+        assert float(by["identity"][key]) == pytest.approx(float(by["bicubic"][key]), rel=1e-4, abs=1e-6), key
+    assert by["identity"]["unc_ause"] == ""  # a zero variance is no uncertainty to assess
     assert float(by["cyclegan"]["unc_ause"]) < float(by["cyclegan"]["unc_ause_random"])
 
     data = json.loads((out / "metrics.json").read_text())
     assert {c["key"]: c["direction"] for c in data["columns"]} == DIRECTIONS
     assert data["rows"][1]["n_slices"] == ROI_SLICES[1] - ROI_SLICES[0]
+    assert any("variance is zero" in note for note in data["rows"][3]["notes"])
     assert len(data["rows"][1]["sparsification"]["fractions"]) == 100
     report = (out / "report.md").read_text()
     for col in COLUMNS:
@@ -243,9 +261,13 @@ def test_evaluate_writes_the_report_on_phantom_predictions(phantom_case, tmp_pat
 @pytest.mark.slow
 def test_bicubic_without_a_model_uses_the_hr_set_statistics(phantom_case, tmp_path):
     out = tmp_path / "report"
+    out.mkdir()
+    (out / "old.txt").write_text("an earlier report")
     result = run_cli(["--lr", phantom_case["lr"], "--hr-dir", phantom_case["hr_dir"], "--pred",
-                      f"cyclegan={phantom_case['pred']}", "--out", out, "--hu-distance", "I3"])
+                      f"cyclegan={phantom_case['pred']}", "--out", out, "--hu-distance", "I3", "--overwrite"])
     assert result.exit_code == 0, result.output
+    assert "old.txt" not in os.listdir(out) and "report.md" in os.listdir(out)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing left beside it
     rows = read_csv(out / "metrics.csv")
     assert [r["method"] for r in rows] == ["bicubic", "cyclegan", "micro-CT held out"]
     assert list(rows[0])[2:] == [k for k, c in DIRECTIONS.items() if k not in {
@@ -282,6 +304,9 @@ def test_bad_inputs_are_refused_with_one_line_and_nothing_written(phantom_case, 
                    empty, "no .nii")
     one_line_error(run_cli(base + ["--pred", f"m={empty}"]), empty / f"{case['stem']}_mean.nii.gz", "missing")
     one_line_error(run_cli(base + ["--pred", f"m={tmp_path / 'nowhere'}"]), "nowhere", "not found")
+    one_line_error(run_cli(base + ["--pred", f"m={case['pred']}", "--normalize", "model"]), "needs --model")
+    one_line_error(run_cli(base + ["--pred", f"m={case['pred']}", "--normalize", "model", "--model", BUNDLED]),
+                   BUNDLED, "no LR statistics")
 
     # A prediction shifted by a fraction of a voxel is not on the LR's upsampled grid.
     mean = open_volume(case["pred"] / f"{case['stem']}_mean.nii.gz")
@@ -333,7 +358,8 @@ def test_sigkill_mid_run_leaves_nothing_and_a_rerun_completes(phantom_case, tmp_
     case = phantom_case
     out = tmp_path / "report"
     entry = "from microsr_tf.cli.main import main; main()"
-    args = [str(a) for a in evaluate_args(case, out)]
+    args = [str(a) for a in ["--lr", case["lr"], "--hr-dir", case["hr_dir"], "--pred", f"cyclegan={case['pred']}",
+                             "--out", out]]
     proc = subprocess.Popen([sys.executable, "-c", entry, "evaluate", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     partial = lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".report-")]  # noqa: E731
@@ -341,7 +367,7 @@ def test_sigkill_mid_run_leaves_nothing_and_a_rerun_completes(phantom_case, tmp_
     assert not out.exists()
     assert partial()
 
-    result = run_cli(evaluate_args(case, out))
+    result = run_cli(args)
     assert result.exit_code == 0, result.output
     assert "interrupted run" in result.stderr
     assert "report.md" in os.listdir(out) and "metrics.csv" in os.listdir(out)

@@ -118,6 +118,7 @@ class Row:
     calibration: tuple[np.ndarray, np.ndarray] | None = None
     sparsification: Sparsification | None = None
     gradients: np.ndarray | None = None  # a subsample for the realism plot
+    uncertainty_pixels: int = 0  # sampled pixels behind the uncertainty columns
 
 
 @dataclass
@@ -241,7 +242,7 @@ class _HRSet:
 def _scan_hr_set(hr_set: Sequence[Any], settings: Settings, label: str, say: Progress) -> _HRSet:
     ax = settings.axis
     total = sum(v.n_slices(ax) for v in hr_set)
-    limit = max(256, settings.max_samples // max(1, total))
+    limit = max(1, settings.max_samples // max(1, total))
     per_volume, scales = [], []
     for i, vol in enumerate(hr_set):
         say(f"HR set {i + 1}/{len(hr_set)}: {vol.path} ({vol.n_slices(ax)} slices)")
@@ -343,11 +344,11 @@ def evaluate(lr: Any, factors: Sequence[float], hr_set: Sequence[Any], candidate
         raise InputError(lr.path, note)
     display = truth_stats if truth_stats is not None else hr.display
     montage_ks = set(_montage_indices(n, settings.montage_slices))
-    limit = max(64, settings.max_samples // max(1, n))
+    limit = max(1, settings.max_samples // max(1, n))
 
     rows = []
-    for ci, cand in enumerate(candidates):
-        rows.append(_evaluate_candidate(cand, ci, lr, factors, hr, paired_hr, truth_thr, truth_stats, lr_stats,
+    for cand in candidates:
+        rows.append(_evaluate_candidate(cand, lr, factors, hr, paired_hr, truth_thr, truth_stats, lr_stats,
                                         display, montage_ks, limit, settings, say))
     held_out = _held_out_row(hr, settings)
     if held_out is not None:
@@ -368,13 +369,13 @@ def evaluate(lr: Any, factors: Sequence[float], hr_set: Sequence[Any], candidate
                       paired=paired_hr is not None, hr_set=hr_summary, inputs=dict(inputs or {}))
 
 
-def _evaluate_candidate(cand: Candidate, index: int, lr: Any, factors: Sequence[float], hr: _HRSet,
+def _evaluate_candidate(cand: Candidate, lr: Any, factors: Sequence[float], hr: _HRSet,
                         paired_hr: Any | None, truth_thr: float | None, truth_stats: IntensityStats | None,
                         lr_stats: IntensityStats, display: IntensityStats, montage_ks: set[int], limit: int,
                         settings: Settings, say: Progress) -> Row:
     ax = settings.axis
     n = lr.n_slices(ax)
-    rng = np.random.default_rng([settings.seed, 2, index])
+    rng = np.random.default_rng([settings.seed, 2])  # the same stream for every row: common random numbers
     thr, stats, note = _volume_scale(cand.mean, ax, settings.threshold)
     notes = [note] if note else []
     acc = _LocalStats(rng, limit, settings.glcm_patches)
@@ -453,6 +454,7 @@ def _match_montage_to_hr_set(row: Row, hu_of_slice: Mapping[int, np.ndarray], hr
 
 
 def _uncertainty(row: Row, std: np.ndarray, err: np.ndarray, settings: Settings) -> None:
+    row.uncertainty_pixels = int(std.size)
     if not np.any(std > 0):
         row.notes.append("the variance is zero everywhere (a deterministic method): no uncertainty to assess")
         return

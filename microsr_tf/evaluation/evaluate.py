@@ -16,7 +16,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..files import default_mode
+from ..inference.predict import NORMALIZE_MODES, input_stats
 from ..preprocessing import IntensityStats, combine_stats, volume_stats
 from ..volumes import Volume, find_volumes, in_plane_axes, nifti_stem, open_volume
 from .engine import BICUBIC, TRUTH, Candidate, Evaluation, Progress, Settings, check_name, evaluate
@@ -62,8 +63,8 @@ class EvaluationPlan:
     out_dir: Path
     overwrite: bool
     model: str | None = None
-    model_hr_stats: IntensityStats | None = None
-    notes: list[str] = field(default_factory=list)
+    model_meta: dict | None = None
+    normalize: str = "volume"  # how predict normalised the LR scan (its --normalize)
 
 
 def parse_predictions(specs: Sequence[str]) -> dict[str, str]:
@@ -103,8 +104,8 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise InputError(parent, "is not a writable folder; the report cannot be created under it")
 
 
-def read_model_hr_stats(model: str | os.PathLike) -> tuple[IntensityStats, tuple[float, float]]:
-    """The HR statistics and HR spacing ``predict`` used, from a model's metadata (no weights loaded)."""
+def read_model_meta(model: str | os.PathLike) -> dict:
+    """A model's metadata as ``predict`` reads it (run dir, ``.keras`` or SavedModel; no weights loaded)."""
     from ..export import META_FILE, find_version_dir
     from ..models.artifact import check_prediction_meta, generator_file, meta_path_for, read_meta
 
@@ -113,15 +114,23 @@ def read_model_hr_stats(model: str | os.PathLike) -> tuple[IntensityStats, tuple
                  else Path(meta_path_for(generator_file(model))))
     meta = read_meta(meta_file, missing="missing: not a microsr-tf model (no model metadata)")
     check_prediction_meta(meta, meta_file)
-    return IntensityStats.from_dict(meta["hr_stats"]), tuple(float(s) for s in meta["hr_spacing"])
+    return meta
 
 
 def plan_evaluation(lr: str | os.PathLike, hr_dir: str | os.PathLike, predictions: Mapping[str, str | os.PathLike],
                     out_dir: str | os.PathLike, paired_hr: str | os.PathLike | None = None,
-                    model: str | os.PathLike | None = None, axis: int = -1, overwrite: bool = False) -> EvaluationPlan:
-    """Open and check every input; InputError/ConfigError (one line naming the file) for anything wrong."""
+                    model: str | os.PathLike | None = None, axis: int = -1, overwrite: bool = False,
+                    normalize: str = "volume") -> EvaluationPlan:
+    """Open and check every input; InputError/ConfigError (one line naming the file) for anything wrong.
+
+    ``model`` and ``normalize`` say how ``predict`` mapped intensities, so bicubic gets the same mapping.
+    """
     if not -3 <= axis <= 2:
         raise ConfigError(f"axis must be 0, 1 or 2, got {axis}")
+    if normalize not in NORMALIZE_MODES:
+        raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {normalize!r}")
+    if normalize == "model" and model is None:
+        raise ConfigError("--normalize model needs --model: the LR statistics are stored with the model")
     axis %= 3
     out = Path(out_dir)
     if not predictions:
@@ -178,31 +187,36 @@ def plan_evaluation(lr: str | os.PathLike, hr_dir: str | os.PathLike, prediction
         paired = open_volume(paired_hr)
         paired_box = hr_box(files[0].mean, means[0].shape, means[0].affine, paired_hr, paired.shape, paired.affine)
 
-    model_stats = None
+    meta = None
     if model is not None:
-        model_stats, model_spacing = read_model_hr_stats(model)
+        meta = read_model_meta(model)
+        model_spacing = tuple(float(v) for v in meta["hr_spacing"])
         if _spacing_differs(pred_spacing, model_spacing):
             raise InputError(model, f"was trained for HR spacing {_fmt(model_spacing)} mm but the predictions are at "
                                     f"{_fmt(pred_spacing)} mm")
+        if normalize == "model" and not meta.get("lr_stats"):
+            raise InputError(model, "stores no LR statistics, so predict cannot have used --normalize model")
     return EvaluationPlan(lr=lr_vol, lr_box=box, factors=factors, axis=axis, hr_dir=os.fspath(hr_dir),
                           hr_volumes=hr_volumes, predictions=files, means=means, variances=variances,
                           paired=paired, paired_box=paired_box, out_dir=out, overwrite=overwrite,
-                          model=None if model is None else os.fspath(model), model_hr_stats=model_stats)
+                          model=None if model is None else os.fspath(model), model_meta=meta, normalize=normalize)
 
 
 def run_plan(plan: EvaluationPlan, settings: Settings | None = None, progress: Progress | None = None) -> Evaluation:
     """Score bicubic upsampling, every method and the references; nothing is written."""
     settings = dataclasses.replace(settings or Settings(), axis=plan.axis)
     lr_view = SubVolume(plan.lr, plan.lr_box)
-    if plan.model_hr_stats is not None:
-        hr_stats = plan.model_hr_stats
-        mapping = f"LR statistics -> [0, 1] -> the HR statistics of the model {plan.model}, exactly as predict maps"
+    if plan.model_meta is not None:
+        hr_stats = IntensityStats.from_dict(plan.model_meta["hr_stats"])
+        lr_stats = input_stats(plan.lr, plan.axis, plan.factors, plan.model_meta, plan.normalize)
+        mapping = (f"LR statistics ({plan.normalize}) -> [0, 1] -> the HR statistics of the model {plan.model}, "
+                   "exactly as predict maps")
     else:
         hr_stats = combine_stats([volume_stats(v, axis=plan.axis) for v in plan.hr_volumes])
+        lr_stats = input_stats(plan.lr, plan.axis, plan.factors, {}, "volume")
         mapping = ("LR statistics -> [0, 1] -> the pooled statistics of the HR set, which is what training stores as "
                    "the model's HR statistics when this HR set is the one it was trained on (pass --model to use "
                    "the model's own)")
-    lr_stats = volume_stats(plan.lr, axis=plan.axis, factors=plan.factors)  # as predict: the whole LR volume
     bicubic = BicubicVolume(lr_view, plan.factors, lr_stats, hr_stats, axis=plan.axis)
     candidates = [Candidate(BICUBIC, bicubic, origin=f"computed from {plan.lr.path}")]
     for files, mean, var in zip(plan.predictions, plan.means, plan.variances):
@@ -233,7 +247,7 @@ def _box(box: Box) -> str:
 def evaluate_files(lr: str | os.PathLike, hr_dir: str | os.PathLike, predictions: Mapping[str, str | os.PathLike],
                    out_dir: str | os.PathLike, paired_hr: str | os.PathLike | None = None,
                    model: str | os.PathLike | None = None, settings: Settings | None = None, overwrite: bool = False,
-                   progress: Progress | None = None) -> tuple[Evaluation, dict[str, str]]:
+                   normalize: str = "volume", progress: Progress | None = None) -> tuple[Evaluation, dict[str, str]]:
     """Check, score and write ``out_dir/report.md``, ``metrics.csv``, ``metrics.json`` and the figures.
 
     ``predictions`` maps method names to folders written by ``microsr-tf predict`` for ``lr``. Returns the
@@ -241,7 +255,7 @@ def evaluate_files(lr: str | os.PathLike, hr_dir: str | os.PathLike, predictions
     """
     settings = settings or Settings()
     plan = plan_evaluation(lr, hr_dir, predictions, out_dir, paired_hr=paired_hr, model=model, axis=settings.axis,
-                           overwrite=overwrite)
+                           overwrite=overwrite, normalize=normalize)
     return run_and_write(plan, settings, progress)
 
 

@@ -123,6 +123,7 @@ def _json(evaluation: Evaluation, figures: list[tuple[str, str]]) -> str:
                  "n_slices": row.n_slices, "n_slices_with_shape": row.n_shapes, "notes": row.notes,
                  "values": {c.key: _json_number(row.values.get(c.key, math.nan)) for c in evaluation.columns}}
         if row.calibration is not None:
+            entry["uncertainty_pixels"] = row.uncertainty_pixels
             entry["calibration"] = {"predicted_std": row.calibration[0].tolist(), "rmse": row.calibration[1].tolist()}
         if row.sparsification is not None:
             sp = row.sparsification

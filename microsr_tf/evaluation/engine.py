@@ -450,7 +450,7 @@ def _match_montage_to_hr_set(row: Row, hu_of_slice: Mapping[int, np.ndarray], hr
         vi, k = hr.hu_origin[int(best[0])]
         vol = hr.volumes[vi]
         panel.hr = _display(display.normalize(vol.read_slice(k, settings.axis)))
-        panel.hr_label = f"HR set: closest shape ({getattr(vol.path, 'name', vol.path)}, slice {k})"
+        panel.hr_label = f"HR set, closest shape:\n{getattr(vol.path, 'name', vol.path)}, slice {k}"
 
 
 def _uncertainty(row: Row, std: np.ndarray, err: np.ndarray, settings: Settings) -> None:

@@ -59,7 +59,7 @@ class Settings:
     montage_slices: int = 3
     seed: int = 0  # of the pixel subsamples and the random sparsification ordering
     max_samples: int = 1 << 20  # pixels kept per method for distributions and uncertainty
-    glcm_patches: int = 8  # GLCM patches per slice at most
+    glcm_patches: int = 32  # GLCM patches per slice at most
     calibration_bins: int = 10
     roi_margin: int = 16  # uncertainty is measured inside the truth's bone bounding box plus this margin
 

@@ -3,6 +3,7 @@ lazy reads, training folders of series, and predict on a series against predict 
 
 from __future__ import annotations
 
+import csv
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -402,6 +403,7 @@ def phantom_pair(tmp_path_factory):
     return twin, root / "ear"
 
 
+@pytest.mark.slow
 def test_predict_on_a_series_equals_predict_on_its_nifti_twin(tmp_path, phantom_pair):
     twin, series = phantom_pair
     outs = {}
@@ -419,3 +421,36 @@ def test_predict_on_a_series_equals_predict_on_its_nifti_twin(tmp_path, phantom_
         np.testing.assert_array_equal(np.asarray(b.dataobj), np.asarray(a.dataobj))
         assert np.asarray(b.dataobj).std() > 0
         assert b.header["sform_code"] == 1  # scanner coordinates
+
+
+@pytest.mark.slow
+def test_evaluate_reads_series_for_the_lr_scan_and_the_hr_set(tmp_path, phantom_pair):
+    """evaluate opens its volumes through open_volume: a series LR scan and an HR set of series
+    subfolders give the same metrics as their NIfTI twins."""
+    from microsr_tf.evaluation import evaluate_files
+    from microsr_tf.export import load_model
+    from microsr_tf.inference.predict import predict_volume
+
+    twin, series = phantom_pair
+    gen, meta = load_model(BUNDLED)
+    pred = tmp_path / "pred"
+    res = predict_volume(twin, gen, meta, pred, samples=2, seed=0, roi=((None, None), (None, None), (20, 23)))
+    mean = nib.load(res.outputs["mean"])
+    hr = np.clip(np.round(np.asarray(mean.dataobj)), 0, 65535).astype(np.uint16)
+    (tmp_path / "hr_nii").mkdir()
+    write_twin(tmp_path / "hr_nii" / "hr-0.nii.gz", hr.astype(np.float32), mean.affine)
+    write_series(tmp_path / "hr_dcm" / "hr-0", hr, mean.affine)
+    rows = {}
+    for route, lr, hr_dir in (("nifti", twin, tmp_path / "hr_nii"), ("dicom", series, tmp_path / "hr_dcm")):
+        _, files = evaluate_files(lr, hr_dir, {"cyclegan": pred}, tmp_path / f"report_{route}")
+        with open(files["metrics.csv"], newline="", encoding="utf-8") as fh:
+            rows[route] = list(csv.DictReader(fh))
+    assert [r["method"] for r in rows["dicom"]] == [r["method"] for r in rows["nifti"]]
+    assert "cyclegan" in [r["method"] for r in rows["dicom"]]
+    for a, b in zip(rows["dicom"], rows["nifti"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            if a[key] in ("", "method", "reference") or key in ("method", "kind"):
+                assert a[key] == b[key], key
+            else:  # spacings stated in DICOM decimal strings vs NIfTI float32 differ in the last bits
+                assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-9), (a["method"], key)

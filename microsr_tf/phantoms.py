@@ -87,8 +87,8 @@ class ScannerProfile:
     offset_hu: Range = (-80.0, 80.0)  # water reads this many HU
     ring_hu: Range = (0.0, 0.0)  # peak amplitude of each detector ring artefact, HU
 
-    RANGES: ClassVar[tuple[str, ...]] = ("psf_fwhm", "slice_fwhm", "halo_fraction", "halo_fwhm", "noise_hu", "beam_hardening",
-              "cupping_hu", "gain", "offset_hu", "ring_hu")
+    RANGES: ClassVar[tuple[str, ...]] = ("psf_fwhm", "slice_fwhm", "halo_fraction", "halo_fwhm", "noise_hu",
+                                         "beam_hardening", "cupping_hu", "gain", "offset_hu", "ring_hu")
 
     @property
     def psf_shape(self) -> str:
@@ -501,7 +501,8 @@ def generate_subject(rng: np.random.Generator, size: str | PhantomSpec = "small"
     rot = _rotation([0, 0, 1], math.radians(u(-25, 25))) @ _rotation(
         [math.cos(a := u(0, 2 * math.pi)), math.sin(a), 0], math.radians(u(-8, 8)))
     lin = rot @ mirror * s
-    shift = np.array([u(-0.4, 0.4), u(-0.4, 0.4), u(-spec.slab_shift, spec.slab_shift)]) - lin @ np.array([1.0, -0.4, 0.0])
+    offset = [u(-0.4, 0.4), u(-0.4, 0.4), u(-spec.slab_shift, spec.slab_shift)]  # the slab's level last
+    shift = np.array(offset) - lin @ np.array([1.0, -0.4, 0.0])
 
     def pt(p):  # local adult-mm point -> world mm
         return shift + lin @ np.asarray(p, float)
@@ -864,7 +865,8 @@ def cbct_forward(mu: np.ndarray, spec: str | PhantomSpec, scanner: dict, rng: np
     return np.clip(np.rint(hu), info.min, info.max).astype(np.float32)
 
 
-def render_lr(subject: dict, spec: str | PhantomSpec, rng: np.random.Generator, scanner: dict | None = None) -> np.ndarray:
+def render_lr(subject: dict, spec: str | PhantomSpec, rng: np.random.Generator,
+              scanner: dict | None = None) -> np.ndarray:
     """Cone-beam-CT-like volume in HU (float32, integral, fits int16) on the LR grid of ``spec``.
 
     ``scanner`` is one scan's parameters (:meth:`ScannerProfile.draw`); by default they are drawn from
@@ -924,15 +926,15 @@ def scan_rngs(seed: int, index: int, profile: str) -> tuple[np.random.Generator,
 def write_phantoms(out_dir: str | os.PathLike, subjects: int, seed: int, size: str | PhantomSpec = "small",
                    overwrite: bool = False, progress: Callable[[str], None] | None = None,
                    lr_profiles: str | Iterable[str | ScannerProfile] | None = None,
-                   test_profiles: str | Iterable[str | ScannerProfile] | None = "all") -> dict:
+                   test_profiles: str | Iterable[str | ScannerProfile] | None = None) -> dict:
     """Write an unpaired training set and a paired test subject; return (and save) the manifest.
 
     Subjects ``0..N-1`` are rendered only as LR (``OUT_DIR/lr``), subjects ``N..2N-1`` only as HR
     (``OUT_DIR/hr``), and subject ``2N`` at both resolutions (``OUT_DIR/test/{lr,hr}``). LR subject ``k``
     is scanned by ``lr_profiles[k % len(lr_profiles)]`` (default: the size's training profiles), with
     parameters drawn from that profile's ranges; ``test/lr`` holds the test subject's own LR scan by
-    the same rule. The test subject is also scanned by each of ``test_profiles`` (``all`` by default,
-    ``none`` for no extra scans) into ``test/lr-<profile>/`` under the same file name, each aligned
+    the same rule. The test subject is also scanned by each of ``test_profiles`` (``all``, ``held-out``,
+    names; none by default) into ``test/lr-<profile>/`` under the same file name, each aligned
     voxel for voxel with ``test/hr`` after 8x in-plane super-resolution. Everything depends only on
     ``seed``, ``subjects``, ``size`` and the profiles; a scan by one profile is the same wherever it is
     written. Each file is written atomically; with ``overwrite``, phantom files of an earlier run that

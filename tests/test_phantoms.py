@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -30,7 +32,7 @@ STANDARD = PROFILES["cbct-standard"].draw(np.random.default_rng(0))
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantoms") / "set"
-    manifest = write_phantoms(out, subjects=2, seed=11, size=TINY, lr_profiles="train")  # every profile in test/
+    manifest = write_phantoms(out, subjects=2, seed=11, size=TINY, lr_profiles="train", test_profiles="all")
     return out, manifest
 
 
@@ -200,7 +202,7 @@ def test_subjects_differ_in_anatomy():
 
 def test_overwrite_replaces_an_earlier_set(tmp_path):
     spec = dataclasses.replace(TINY, hr_shape=(144, 144, 2), lr_shape=(18, 18, 2))
-    write_phantoms(tmp_path / "set", 2, 0, size=spec)
+    write_phantoms(tmp_path / "set", 2, 0, size=spec, test_profiles="all")
     with pytest.raises(InputError, match="not empty"):
         write_phantoms(tmp_path / "set", 1, 0, size=spec)
     manifest = write_phantoms(tmp_path / "set", 1, 0, size=spec, overwrite=True, test_profiles="cbct-scatter")
@@ -251,11 +253,12 @@ def test_cli_help_and_refusal_of_a_non_empty_directory(tmp_path):
 
 def test_cli_writes_the_small_set(tmp_path):
     out = tmp_path / "phantoms"
-    result = CliRunner().invoke(command, [str(out), "--subjects", "1", "--seed", "2", "--test-profiles", "held-out"])
+    result = CliRunner().invoke(command, [str(out), "--subjects", "1", "--seed", "2"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["size"] == "small" and manifest["seed"] == 2 and len(manifest["files"]) == 5
-    assert (out / "test" / "lr-cbct-scatter" / "sub-002_cbct.nii.gz").is_file()
+    assert manifest["size"] == "small" and manifest["seed"] == 2 and len(manifest["files"]) == 4 + len(PROFILES)
+    for name in PROFILES:  # by default the command scans the test subject with every profile
+        assert (out / "test" / f"lr-{name}" / "sub-002_cbct.nii.gz").is_file()
     hr = nib.load(str(out / "test" / "hr" / "sub-002_microct.nii.gz"))
     assert hr.shape == (192, 192, 48)
     assert manifest["lr_profiles"] == ["cbct-standard"]  # the size's own profile, as the bundled model saw
@@ -534,7 +537,7 @@ def test_adult_size_keeps_the_voxel_sizes_and_holds_the_adult_anatomy():
     assert spec.hr_spacing == small.hr_spacing and spec.lr_spacing == small.lr_spacing  # 0.06 / 0.48 mm
     assert spec.factor == (8.0, 8.0) and spec.anatomy_scale == 1.0
     assert spec.fov[0] >= 2 * small.fov[0] - 1e-9 and spec.hr_shape[0] <= 512  # a CPU-sized slice
-    assert spec.lr_profiles == TRAIN_PROFILES
+    assert spec.lr_profiles == TRAIN_PROFILES and spec.slab_shift == 1.0
     # Sample the labyrinth and ossicles of several subjects on a 0.35 mm lattice: all of it lies in the
     # in-plane field of view, the slab of slices cuts the labyrinth, and at 0.48 mm the cochlea spans
     # 14+ LR voxels and the basal turn's canal 2.5+ (the small size: about 9 and 1.5).
@@ -550,3 +553,28 @@ def test_adult_size_keeps_the_voxel_sizes_and_holds_the_adult_anatomy():
         coch = subject["cochlea"]
         assert 2 * (coch.r0 + coch.radial) / spec.lr_spacing[0] > 14
         assert 2 * coch.radial / spec.lr_spacing[0] > 2.5
+
+
+def test_readme_profile_table_matches_the_profiles():
+    """The README's table of scanner profiles states the ranges the code draws from."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = {m.group(1): [c.strip() for c in m.group(2).split("|")]
+            for m in re.finditer(r"^\| `(cbct-[a-z]+)` \|(.*)\|$", readme, flags=re.M)}
+    assert sorted(rows) == sorted(PROFILES)
+
+    def numbers(cell):
+        return [float(v.replace("\u2212", "-")) for v in re.findall(r"\u2212?\d+(?:\.\d+)?", cell)]
+
+    def span(rng):
+        return [rng[0]] if rng[0] == rng[1] else list(rng)
+
+    for name, cells in rows.items():
+        p = PROFILES[name]
+        use, core, halo, thick, noise, filt, views, beta, cup, gain, offset, rings = cells
+        assert use == ("held out" if p.held_out else "train")
+        assert numbers(core) == span(p.psf_fwhm) and numbers(thick) == span(p.slice_fwhm)
+        assert numbers(halo) == ([] if p.halo_fraction[1] == 0 else [*span(p.halo_fraction), *span(p.halo_fwhm)])
+        assert numbers(noise) == span(p.noise_hu) and filt == p.noise_filter and numbers(views) == [p.views]
+        assert numbers(beta) == span(p.beam_hardening) and numbers(cup) == span(p.cupping_hu)
+        assert numbers(gain) == span(p.gain) and numbers(offset) == span(p.offset_hu)
+        assert numbers(rings) == ([] if p.ring_hu[1] == 0 else span(p.ring_hu))

@@ -237,10 +237,10 @@ class PhantomSpec:
 
 SIZES: dict[str, PhantomSpec] = {
     # Trains on two CPU cores: 192 px at 0.06 mm (11.5 mm field of view), LR 24 px at 0.48 mm, 48 slices.
-    # The anatomy is shrunk to 0.6 of an adult's to fit: at LR the cochlea spans about a dozen voxels.
+    # The anatomy is shrunk to 0.6 of an adult's to fit: at LR the cochlea spans only 8-11 voxels.
     "small": PhantomSpec("small", (192, 192, 48), (0.06, 0.06, 0.06), (24, 24, 48), (0.48, 0.48, 0.06)),
-    # Adult anatomy at the same voxel sizes on a 23 mm field of view (LR 48 px): the LR scan resolves the
-    # cochlear turns, the canals and the ossicle heads coarsely, as a clinical scan does. Training LR
+    # Adult anatomy at the same voxel sizes on a 23 mm field of view (LR 48 px): the LR scan shows the
+    # cochlea (14-18 voxels) and vestibule, the ossicle heads and, faintly, the canals. Training LR
     # subjects take the training scanner profiles in turn; the slab of 64 slices (3.8 mm) sits at another
     # level in each subject (+-1 mm), so the set shows cochlea, vestibule, canals and ossicles.
     "adult": PhantomSpec("adult", (384, 384, 64), (0.06, 0.06, 0.06), (48, 48, 64), (0.48, 0.48, 0.06),

@@ -2,7 +2,7 @@
 
 Run ``python benchmarks/bench_mc.py [--stretch] [--jit]``. Everything uses the paper's generator
 (ngf=64, nine residual blocks) with random weights (speed does not depend on them), once with the
-reference layer-by-layer forward ("plain", ``fused_ops=False``) and once with the fused kernels
+fused kernels traced as plain ops ("plain", ``xla_kernels=False``) and once compiled by XLA
 ("fused"), side by side in one run. Long runs are timed on fewer passes and extrapolated linearly in
 T; the table says where. Times exclude tracing (every predictor is warmed up first). The bfloat16
 rows compare ``precision="float32"`` and ``"bfloat16"`` on the same weights, alternating runs so that
@@ -69,12 +69,12 @@ def conv_reference_gflops(dtype: tf.DType = tf.float32) -> float:
 
 
 def generator_pair(position: str, size: int) -> dict[str, ResnetGenerator]:
-    """The paper's generator with the reference layer-by-layer forward ("plain") and, with the same
-    weights, the fused kernels ("fused")."""
+    """The paper's generator with uncompiled kernels ("plain") and, with the same weights, XLA-compiled
+    kernels ("fused")."""
     pair = {}
     for name in ("plain", "fused"):
         gen = ResnetGenerator(ngf=64, n_blocks=9, upsample="transpose", dropout_rate=0.5, dropout_position=position)
-        gen.fused_ops = name == "fused"
+        gen.xla_kernels = name == "fused"
         gen(tf.zeros([1, size, size, 1]), seed=tf.zeros([1, 2], tf.int32))
         pair[name] = gen
     pair["fused"].set_weights(pair["plain"].get_weights())

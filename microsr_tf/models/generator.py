@@ -185,6 +185,11 @@ class ResnetGenerator(keras.Model):
         return {"none": 0, "bottleneck": 1, "resblocks": self.n_blocks}[self._position]
 
     @property
+    def position(self) -> str:
+        """Where the dropout that acts sits: "bottleneck", "resblocks", or "none" (deterministic)."""
+        return self._position
+
+    @property
     def local_decoder(self) -> bool:
         """Whether each output pixel depends only on trunk rows within :data:`DECODER_HALO` of its own (no
         normalisation in the decoder), so that the decoder can run in stripes with the same result."""

@@ -85,15 +85,15 @@ class _Progress:
 @click.option("--seed", type=int, default=None,
               help="Base seed of the dropout masks; the same seed gives identical files. Default: random "
                    "(the seed used is reported). In [0, 2^31 - 1].")
-@click.option("--stitch", type=click.Choice(["blend", "paper", "whole"]), default="blend", show_default=True,
-              help="Whole-slice reconstruction: blend overlapping tiles, the paper's histogram matching + "
-                   "median filter, or the whole slice in one pass.")
-@click.option("--tile", type=int, default=256, show_default=True,
-              help="Tile size in HR pixels for blend/paper stitching (a multiple of 4, >= 8).")
-@click.option("--overlap", type=float, default=0.25, show_default=True,
-              help="Fraction of a tile shared with its neighbour (blend), in [0, 0.75].")
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Tiles per forward pass.")
+@click.option("--stitch", type=click.Choice(["whole", "paper"]), default="whole", show_default=True,
+              help="whole: the exact posterior of the whole slice; paper: then the paper's per-tile histogram "
+                   "matching and median filter (the variance follows the same maps).")
+@click.option("--tile", type=int, default=None,
+              help="Height in HR pixels (a multiple of 4) of the stripes a norm-free decoder runs in. Sets "
+                   "memory and speed only: any value gives the same result.  [default: sized to the memory budget]")
+@click.option("--memory-budget", default="auto", show_default=True, metavar="auto|MB",
+              help="Working memory for the Monte Carlo passes; auto is half the memory available. A slice "
+                   "that cannot fit is refused before anything is written.")
 @click.option("--roi", "roi_text", metavar="i0:i1,j0:j1,k0:k1", default=None, help=ROI_HELP)
 @click.option("--axis", type=int, default=None,
               help="Slice axis of the input, 0, 1 or 2 (default: the model's, normally the last).")
@@ -113,7 +113,7 @@ class _Progress:
                    "spacing first (bicubic, anti-aliased when it gets coarser), then super-resolve at the trained "
                    "factor. Outputs are on the model's HR spacing; their NIfTI description records the resampling.")
 @user_errors
-def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, batch_size, roi_text, axis,
+def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_budget, roi_text, axis,
             write_std, percentiles_text, preview, precision, normalize, resample_input) -> None:
     """Super-resolve INPUT volumes into posterior mean and variance NIfTI volumes (paper eq. 4).
 
@@ -128,8 +128,11 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
     from microsr_tf.inference.predict import check_options, plan_volume, predict_volume, stale_temp_files
     from microsr_tf.export import load_model
 
-    check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
-                  percentiles=percentiles, precision=precision, normalize=normalize)
+    check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, percentiles=percentiles,
+                  precision=precision, normalize=normalize)
+    from microsr_tf.inference.mc import resolve_memory_budget
+
+    memory_budget = resolve_memory_budget(memory_budget)
     generator, meta = load_model(model_path)
     plans = [plan_volume(path, meta, roi=roi, axis=axis, resample_input=resample_input)
              for path in inputs]  # refuse bad inputs up front
@@ -147,7 +150,7 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
         progress = _Progress(plan.name)
         try:
             result = predict_volume(plan.input_path, generator, meta, out_dir, samples=samples, seed=seed,
-                                    stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size, roi=roi,
+                                    stitch=stitch, tile=tile, memory_budget=memory_budget, roi=roi,
                                     axis=axis, write_std=write_std, percentiles=percentiles, preview=preview,
                                     progress=progress, precision=precision, normalize=normalize,
                                     resample_input=resample_input)

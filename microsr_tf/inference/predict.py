@@ -25,7 +25,7 @@ from ..errors import ConfigError, InputError
 from ..preprocessing import IntensityStats, check_coarser, resample_slice, volume_stats
 from ..volumes import (Volume, VolumeWriter, make_output_dir, nifti_stem, open_volume, resampled_affine,
                        resampled_shape)
-from ..models.generator import PRECISIONS
+from ..models.generator import DOWNSCALE, PRECISIONS
 from .mc import MCResult, MonteCarloPredictor
 from .stitching import MODES as STITCH_MODES
 from .stitching import predict_slice
@@ -225,10 +225,9 @@ def predict_volume(
     out_dir: str | os.PathLike,
     samples: int = 100,
     seed: int | None = None,
-    stitch: str = "blend",
-    tile: int = 256,
-    overlap: float = 0.25,
-    batch_size: int = 8,
+    stitch: str = "whole",
+    tile: int | None = None,
+    memory_budget: float | str = "auto",
     roi: Roi | None = None,
     axis: int | None = None,
     write_std: bool = False,
@@ -251,6 +250,10 @@ def predict_volume(
     affine places that sub-volume in world space. Slice ``k`` always uses the dropout seed derived
     from ``(seed, k)``, so its result does not depend on which other slices are processed.
     ``precision="bfloat16"`` runs the generator's convolutions in bfloat16 (faster on CPUs with AMX).
+    ``stitch`` is ``"whole"`` (the exact whole-slice posterior) or ``"paper"`` (the paper's per-tile
+    histogram matching and median filter on top of it); ``tile`` fixes the height of the stripes a local
+    decoder runs in and ``memory_budget`` (MB or ``"auto"``) bounds the working memory -- neither changes
+    the result, and a slice that cannot fit the budget is refused before any output is written.
     ``normalize`` chooses the LR intensity statistics (see :func:`input_stats`). ``engine`` replaces the
     local Monte Carlo posterior of one normalised HR-grid slice (``engine(slice, slice_seed) -> MCResult``,
     e.g. a TF-Serving client); everything else -- reading, resampling, normalising, seeds, units,
@@ -258,12 +261,20 @@ def predict_volume(
     ``resample_input`` brings a scan at another in-plane spacing to the model's LR spacing first (see
     :func:`plan_volume`); the outputs' NIfTI description and ``PredictResult.resampling`` record it.
     """
-    check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
-                  percentiles=percentiles, precision=precision, normalize=normalize)
+    check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, percentiles=percentiles,
+                  precision=precision, normalize=normalize)
     plan = plan_volume(input_path, meta, roi=roi, axis=axis, resample_input=resample_input)
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0] >> 1)
     paths = output_paths(plan.name, out_dir, write_std, percentiles, preview)
+    if engine is None:
+        predictor = MonteCarloPredictor(generator, samples=samples, percentiles=tuple(percentiles),
+                                        precision=precision, memory_budget_mb=memory_budget, stripe=tile)
+        predictor.require_fit(*(-(-n // DOWNSCALE) * DOWNSCALE for d, n in enumerate(plan.out_shape) if d != plan.axis))
+
+        def engine(image: np.ndarray, slice_seed_: int) -> MCResult:
+            predictor.seed = slice_seed_
+            return predict_slice(predictor, image, mode=stitch)
     make_output_dir(out_dir)
 
     start = time.perf_counter()
@@ -271,13 +282,6 @@ def predict_volume(
     lr_stats = input_stats(plan.stats_volume(), ax, plan.factors, meta, normalize)
     hr_stats = IntensityStats.from_dict(meta["hr_stats"])
     (i0, i1), (j0, j1) = [r for d, r in enumerate(plan.roi) if d != ax]
-    if engine is None:
-        predictor = MonteCarloPredictor(generator, samples=samples, percentiles=tuple(percentiles),
-                                        precision=precision)
-
-        def engine(image: np.ndarray, slice_seed_: int) -> MCResult:
-            predictor.seed = slice_seed_
-            return predict_slice(predictor, image, mode=stitch, tile=tile, overlap=overlap, batch_size=batch_size)
     middle = ks[len(ks) // 2]
     panel = None
     convergence: dict[str, float] = {}
@@ -349,8 +353,8 @@ def stale_temp_files(name: str, out_dir: str | os.PathLike) -> list[str]:
     return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir) if pattern.fullmatch(f))
 
 
-def check_options(samples: int = 100, seed: int | None = None, stitch: str = "blend", tile: int = 256,
-                  overlap: float = 0.25, batch_size: int = 8, percentiles: Sequence[float] = (),
+def check_options(samples: int = 100, seed: int | None = None, stitch: str = "whole", tile: int | None = None,
+                  percentiles: Sequence[float] = (),
                   precision: str = "float32", normalize: str = "volume") -> None:
     """Refuse option values that cannot work, before any file is opened."""
     if samples < 2:
@@ -359,12 +363,8 @@ def check_options(samples: int = 100, seed: int | None = None, stitch: str = "bl
         raise ConfigError(f"seed must be in [0, {MAX_SEED}], got {seed}")
     if stitch not in STITCH_MODES:
         raise ConfigError(f"stitch must be one of {', '.join(STITCH_MODES)}, got {stitch!r}")
-    if tile < 8 or tile % 4:
-        raise ConfigError(f"tile must be a multiple of 4 and >= 8 pixels, got {tile}")
-    if not 0.0 <= overlap <= 0.75:  # beyond 0.75 every pixel is computed more than 16 times over
-        raise ConfigError(f"overlap must be in [0, 0.75], got {overlap}")
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if tile is not None and (tile < DOWNSCALE or tile % DOWNSCALE):
+        raise ConfigError(f"tile (stripe height) must be a multiple of {DOWNSCALE} pixels, got {tile}")
     for q in percentiles:
         if not 0.0 <= q <= 100.0:
             raise ConfigError(f"percentiles must be in [0, 100], got {q}")

@@ -21,6 +21,7 @@ from .files import atomic_write_text
 
 DROPOUT_POSITIONS = ("bottleneck", "resblocks", "none")
 UPSAMPLE_KINDS = ("transpose", "resize")
+DECODER_NORMS = ("instance", "none")
 GAN_LOSSES = ("bce", "lsgan")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 PRECISIONS = ("float32", "mixed_bfloat16")  # training: Keras dtype policies (float32 weights either way)
@@ -35,13 +36,14 @@ class DataConfig:
     patch_size: int = 256
     stride: int = 128
     min_foreground: float = 0.1  # reject patches with less foreground than this fraction
-    roi_threshold: float | None = None  # None: Otsu per volume; else a value in input units
+    roi_threshold_lr: float | None = None  # foreground threshold of LR volumes in their units; None: Otsu per volume
+    roi_threshold_hr: float | None = None  # the same for HR volumes (another scanner, other units)
     roi_margin: int = 16  # pixels kept around the per-slice bounding box
     axis: int = -1  # slice axis of the input volumes
     shuffle_buffer: int = 512
     seed: int | None = None  # order of the patch streams; None: drawn at the start of a run (and kept on resume)
-    lr_dir: str | None = None  # folder of LR (clinical CT) NIfTI volumes; the run remembers it for --resume
-    hr_dir: str | None = None  # folder of HR (micro-CT) NIfTI volumes
+    lr_dir: str | None = None  # folder of LR (clinical CT) volumes; the run remembers it for --resume
+    hr_dir: str | None = None  # folder of HR (micro-CT) volumes
     shards_dir: str | None = None  # stream from `microsr-tf prepare` TFRecord shards instead
 
     def validate(self) -> None:
@@ -69,6 +71,7 @@ class ModelConfig:
     upsample: str = "transpose"  # "transpose" (paper) or "resize" (nearest + conv, no checkerboard)
     dropout_rate: float = 0.5
     dropout_position: str = "bottleneck"  # "bottleneck", "resblocks" or "none"
+    decoder_norm: str = "instance"  # "instance" (CycleGAN) or "none": a local decoder, exact in stripes
     ndf: int = 64  # critic base filters
     n_layers_d: int = 3  # stride-2 layers in the PatchGAN critic (3 -> 70x70 receptive field)
 
@@ -84,6 +87,8 @@ class ModelConfig:
                 f"model.dropout_position must be one of {DROPOUT_POSITIONS}, got {self.dropout_position!r}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ConfigError(f"model.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.decoder_norm not in DECODER_NORMS:
+            raise ConfigError(f"model.decoder_norm must be one of {DECODER_NORMS}, got {self.decoder_norm!r}")
         if self.n_layers_d < 1:
             raise ConfigError(f"model.n_layers_d must be >= 1, got {self.n_layers_d}")
 

@@ -60,6 +60,8 @@ USAGE = {
     "predict": ["x.nii.gz", "--model", "m", "--out-dir", "o", "--samples", "1"],
     "export": ["--model", "m", "--out", "o", "--samples", "1"],
     "demo": ["--samples", "1"],
+    "evaluate": ["--lr", "a", "--hr-dir", "b", "--pred", "m=p", "--out", "o", "--hu-distance", "I9"],
+    "rating-study": ["make", "--lr", "a", "--method", "m=p", "--out", "o", "--slices", "ten"],
 }
 
 
@@ -80,6 +82,8 @@ def test_exit_codes_are_2_for_usage_errors_and_1_for_input_errors(name, tmp_path
         "predict": [missing, "--model", str(BUNDLED), "--out-dir", str(tmp_path / "out")],
         "export": ["--model", missing, "--out", str(tmp_path / "export")],
         "demo": ["--model", missing, "--out", str(tmp_path / "demo")],
+        "evaluate": ["--lr", missing, "--hr-dir", missing, "--pred", f"m={missing}", "--out", str(tmp_path / "report")],
+        "rating-study": ["make", "--lr", missing, "--method", f"m={missing}", "--out", str(tmp_path / "study")],
     }[name]
     (tmp_path / "file").write_text("a file where a folder is expected")
     result = runner.invoke(cli, [name, *given])

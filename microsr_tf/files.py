@@ -23,6 +23,12 @@ def _umask() -> int:
     return mask
 
 
+def default_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a newly created file (0666) or folder (0777) gets under the umask."""
+    full = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, full & ~_umask())
+
+
 def temp_file_beside(target: str | os.PathLike, suffix: str = ".tmp") -> tuple[int, Path]:
     """Create a new hidden file ``.<name>.<random><suffix>`` in ``target``'s folder, open for writing.
 
@@ -88,7 +94,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if target.exists():
             target.rmdir()
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
+        default_mode(tmp)  # mkdtemp makes it owner-only
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -172,12 +172,15 @@ def _resume(run, *flags):
 
 
 def test_changed_settings_are_refused_by_name_but_more_epochs_and_null_seeds_continue(training_folders, tmp_path):
+    """Also: --resume of a run stopped before its first checkpoint starts it from step 0."""
     lr, hr = training_folders
     run = tmp_path / "run"
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))  # null seeds: drawn at the start, kept in the checkpoint
+    run.mkdir()
+    Config.from_dict(TINY).save(run / "config.yaml")  # what a run killed before its first checkpoint leaves
     first = CliRunner().invoke(cli, ["train", "--config", str(config), "--lr-dir", str(lr), "--hr-dir", str(hr),
-                                     "--out", str(run)])
+                                     "--out", str(run), "--resume"])  # nothing to restore: starts at step 0
     assert first.exit_code == 0, first.output
     assert "Trained 2 steps (1 epoch): " in first.output
     drawn = re.search(r"^Seeds drawn for this run \(set them to repeat it\): train\.seed (\d+), data\.seed (\d+)$",

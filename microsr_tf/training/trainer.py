@@ -80,7 +80,7 @@ class TrainResult:
     epochs: int
     history: list[dict[str, float]]  # epoch means of this invocation: {"epoch", "step", "<loss>": ...}
     best_cycle_loss: float
-    seeds: dict[str, int]  # {"train": ..., "data": ...}: the seeds used, drawn where the config had null
+    seeds: dict[str, int] = dataclasses.field(default_factory=dict)  # {"train", "data"}: drawn where null
 
 
 class RunFacts(tf.Module):

@@ -56,7 +56,8 @@ def overrides_from_flags(flags: dict) -> dict:
 
 
 @click.command("train")
-@click.option("--lr-dir", metavar="DIR", help="Folder of clinical (low-resolution) NIfTI volumes.")
+@click.option("--lr-dir", metavar="DIR", help="Folder of clinical (low-resolution) NIfTI volumes (unet/srgan: read "
+              "for their voxel size only).")
 @click.option("--hr-dir", metavar="DIR", help="Folder of micro-CT (high-resolution) NIfTI volumes.")
 @click.option("--out", "run_dir", required=True, metavar="RUN_DIR",
               help="Run directory: config.yaml, logs/, checkpoints/, generator.keras. Must be new or empty.")

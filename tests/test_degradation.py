@@ -13,7 +13,7 @@ import tensorflow as tf
 from microsr_tf.config import DataConfig
 from microsr_tf.degradation import Degradation, make_paired_data
 from microsr_tf.errors import InputError
-from microsr_tf.pipeline import make_training_data
+from microsr_tf.pipeline import make_training_data, prepare_shards
 
 SEED = tf.constant([7, 11], tf.int64)
 
@@ -133,3 +133,22 @@ def test_paired_stream_reads_the_lr_folder_for_its_spacing_only(folders):
         noise_free = Degradation(data.factors, 0.0)(hr, SEED).numpy()
         assert np.abs(lr - noise_free).mean() < 0.06 < np.abs(lr - hr).max()
     assert not np.array_equal(first[0][0], first[1][0])
+
+
+def test_paired_stream_from_shards_uses_the_hr_patches(tmp_path):
+    lr, hr = tmp_path / "lr", tmp_path / "hr"
+    lr.mkdir()
+    hr.mkdir()
+    nib.save(_disk(16, 0.4, 0), lr / "case0.nii.gz")
+    nib.save(_disk(64, 0.1, 1), hr / "case0.nii.gz")
+    cfg = DataConfig(patch_size=32, stride=16, seed=3)
+    prepare_shards(lr, hr, tmp_path / "shards", cfg, dtype="float32")
+    from_folders = make_paired_data(lr, hr, cfg, n_val=2)
+    from_shards = make_paired_data(None, None, DataConfig(patch_size=32, stride=16, seed=3,
+                                                          shards_dir=str(tmp_path / "shards")), n_val=2)
+    assert from_shards.factors == pytest.approx(from_folders.factors)
+    assert from_shards.steps_per_epoch(2) == from_folders.steps_per_epoch(2)
+    np.testing.assert_allclose(from_shards.val_hr, from_folders.val_hr, atol=1e-6)
+    np.testing.assert_allclose(from_shards.val_lr, from_folders.val_lr, atol=1e-5)
+    lr_batch, hr_batch = next(iter(from_shards.dataset(2)))
+    assert lr_batch.shape == hr_batch.shape == (2, 32, 32, 1)

@@ -107,9 +107,12 @@ class _Progress:
 @click.option("--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Convolution precision; bfloat16 is several times faster on CPUs with AMX and moves the "
                    "mean by about 1e-3.")
+@click.option("--normalize", type=click.Choice(["volume", "model"]), default="volume", show_default=True,
+              help="LR intensity statistics: the scan's own (as the paper and training do), or the training "
+                   "scans' pooled statistics stored with the model (for scans too small to describe themselves).")
 @user_errors
 def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, batch_size, roi_text, axis,
-            write_std, percentiles_text, preview, precision) -> None:
+            write_std, percentiles_text, preview, precision, normalize) -> None:
     """Super-resolve INPUT volumes into posterior mean and variance NIfTI volumes (paper eq. 4).
 
     Each input is read slice by slice, upsampled to the model's HR spacing, normalised, predicted T
@@ -126,7 +129,7 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
     from microsr_tf.volumes import set_description
 
     check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
-                  percentiles=percentiles, precision=precision)
+                  percentiles=percentiles, precision=precision, normalize=normalize)
     generator, meta = load_model(model_path)
     plans = [plan_volume(path, meta, roi=roi, axis=axis) for path in inputs]  # refuse bad inputs up front
     seen: dict[str, str] = {}
@@ -154,7 +157,7 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
             result = predict_volume(plan.input_path, generator, meta, out_dir, samples=samples, seed=seed,
                                     stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size, roi=roi,
                                     axis=axis, write_std=write_std, percentiles=percentiles, preview=preview,
-                                    progress=progress, precision=precision)
+                                    progress=progress, precision=precision, normalize=normalize)
         finally:
             progress.close()
         if deterministic:

@@ -34,7 +34,8 @@ class DataConfig:
     patch_size: int = 256
     stride: int = 128
     min_foreground: float = 0.1  # reject patches with less foreground than this fraction
-    roi_threshold: float | None = None  # None: Otsu per volume; else a value in input units
+    roi_threshold_lr: float | None = None  # foreground threshold of LR volumes in their units; None: Otsu per volume
+    roi_threshold_hr: float | None = None  # the same for HR volumes (another scanner, other units)
     roi_margin: int = 16  # pixels kept around the per-slice bounding box
     axis: int = -1  # slice axis of the input volumes
     shuffle_buffer: int = 512
@@ -242,7 +243,7 @@ class Config:
 
 
 # Keys whose explicit `null` in YAML means "None", not "keep the default".
-_NULLABLE = {"roi_threshold", "seed", "shards_dir", "steps_per_epoch", "decay_start_epoch"}
+_NULLABLE = {"roi_threshold_lr", "roi_threshold_hr", "seed", "shards_dir", "steps_per_epoch", "decay_start_epoch"}
 
 
 def _coerce(value: Any, fld: dataclasses.Field, key: str, source: str) -> Any:

@@ -11,8 +11,8 @@ multiples of 4):
 - ``serving_default(image)`` -> ``{"mean", "variance"}`` over the exported default number of
   Monte Carlo samples, with a fresh random seed per request;
 - ``mc_seeded(image, samples, seed)`` -> the same with an explicit sample count and seed
-  (reproducible; image ``b`` uses dropout seed rows ``[seed + b, t]`` like
-  :class:`microsr_tf.inference.mc.MonteCarloPredictor`).
+  (reproducible; image ``b`` of the batch uses dropout seed rows ``[image_seeds(seed, B)[b], t]``,
+  the convention of :class:`microsr_tf.inference.mc.MonteCarloPredictor`; image 0 uses ``seed``).
 
 The SavedModel also carries ``prefix`` and ``suffix`` functions, so :func:`load_model` can hand
 ``microsr-tf predict`` an object with the generator interface and the cached Monte Carlo path.
@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from .errors import InputError
 from .files import atomic_directory
+from .models.layers import image_seeds_tf
 from .models.artifact import check_prediction_meta, generator_file, load_generator, meta_path_for, read_meta
 from .volumes import make_output_dir
 
@@ -59,7 +60,7 @@ class _ServingModule(tf.Module):
         """Mean and population variance over ``samples`` passes, merged chunk by chunk (Chan)."""
         features = tuple(self.generator.deterministic_prefix(image))
         n = tf.shape(image)[0]
-        image_seeds = seed + tf.range(n, dtype=tf.int32)
+        image_seeds = image_seeds_tf(seed, n)
         out_shape = tf.shape(image)
         mean = tf.zeros(out_shape, tf.float64)
         m2 = tf.zeros(out_shape, tf.float64)

@@ -97,6 +97,7 @@ class TrainingData:
     hr_spacing: tuple[float, float]
     factors: tuple[float, float]  # lr / hr spacing
     hr_stats: IntensityStats  # combine_stats of the HR volumes: maps outputs back to HR units
+    lr_stats: IntensityStats | None  # combine_stats of the LR volumes: normalises scans with no statistics of their own
     n_lr_patches: int
     n_hr_patches: int
     val_lr: np.ndarray  # fixed [n_val, p, p, 1] float32 patches for image panels
@@ -235,7 +236,8 @@ def _index_domain(name: str, folder, paths: list[Path], spacing, factors, cfg: D
     largest = (0, 0)
     for vid, path in enumerate(paths):
         vol = open_volume(path)
-        threshold = cfg.roi_threshold if cfg.roi_threshold is not None else volume_threshold(vol, cfg.axis)
+        configured = cfg.roi_threshold_lr if factors is not None else cfg.roi_threshold_hr
+        threshold = configured if configured is not None else volume_threshold(vol, cfg.axis)
         stats.append(volume_stats(vol, axis=cfg.axis, threshold=threshold, factors=factors))
         shape = vol.shape if factors is None else resampled_shape(vol.shape, cfg.axis, factors)
         plane = tuple(shape[i] for i in in_plane_axes(cfg.axis))
@@ -264,7 +266,7 @@ def _index_domain(name: str, folder, paths: list[Path], spacing, factors, cfg: D
                                  f"{largest[0]} x {largest[1]} px at the HR spacing); lower data.patch_size")
     if not counts:
         raise InputError(folder, f"no {p} px {name} patch has >= {cfg.min_foreground:.0%} foreground; lower "
-                                 "data.min_foreground or set data.roi_threshold")
+                                 f"data.min_foreground or set data.roi_threshold_{name.lower()}")
     return _Domain(name=name, paths=paths, spacing=spacing, factors=factors, stats=stats, axis=cfg.axis, patch=p,
                    vol_ids=np.asarray(vol_ids, np.int32), slice_ks=np.asarray(slice_ks, np.int32),
                    boxes=np.asarray(boxes, np.int32), offsets=np.concatenate([[0], np.cumsum(counts)]),
@@ -302,7 +304,7 @@ def make_training_data(lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
     lr, hr = _index_folders(lr_dir, hr_dir, cfg)
     return TrainingData(
         lr_files=lr.paths, hr_files=hr.paths, lr_spacing=lr.spacing, hr_spacing=hr.spacing, factors=lr.factors,
-        hr_stats=combine_stats(hr.stats), n_lr_patches=lr.n_patches, n_hr_patches=hr.n_patches,
+        hr_stats=combine_stats(hr.stats), lr_stats=combine_stats(lr.stats), n_lr_patches=lr.n_patches, n_hr_patches=hr.n_patches,
         val_lr=lr.patches_by_position(_val_positions(lr.n_patches, n_val)),
         val_hr=hr.patches_by_position(_val_positions(hr.n_patches, n_val)),
         patch_size=cfg.patch_size, cfg=cfg, _lr_source=_NiftiSource(lr), _hr_source=_NiftiSource(hr))
@@ -337,6 +339,7 @@ def prepare_shards(lr_dir: str | os.PathLike, hr_dir: str | os.PathLike, out_dir
             "hr_spacing": list(hr.spacing),
             "factors": list(lr.factors),
             "hr_stats": combine_stats(hr.stats).to_dict(),
+            "lr_stats": combine_stats(lr.stats).to_dict(),
             "lr_files": [os.fspath(p) for p in lr.paths],
             "hr_files": [os.fspath(p) for p in hr.paths],
             "data_config": dataclasses.asdict(cfg),
@@ -418,6 +421,7 @@ def _shard_training_data(shards_dir: Path, cfg: DataConfig, n_val: int) -> Train
         lr_files=[Path(f) for f in index["lr_files"]], hr_files=[Path(f) for f in index["hr_files"]],
         lr_spacing=tuple(index["lr_spacing"]), hr_spacing=tuple(index["hr_spacing"]),
         factors=tuple(index["factors"]), hr_stats=IntensityStats.from_dict(index["hr_stats"]),
+        lr_stats=IntensityStats.from_dict(index["lr_stats"]) if "lr_stats" in index else None,
         n_lr_patches=int(index["counts"]["lr"]), n_hr_patches=int(index["counts"]["hr"]),
         val_lr=val["lr"], val_hr=val["hr"], patch_size=p, cfg=cfg,
         _lr_source=sources["lr"], _hr_source=sources["hr"])

@@ -187,11 +187,13 @@ def volume_stats(vol: Volume, axis: int = -1, threshold: float | None = None,
                  factors: Sequence[float] | None = None, max_slices: int = 32) -> IntensityStats:
     """Foreground intensity statistics of ``vol`` from up to ``max_slices`` evenly spaced slices.
 
-    ``threshold`` (input units) separates foreground; None uses Otsu on the same samples. With
-    ``factors`` the slices are first resampled, so the statistics describe what the network sees.
+    ``threshold`` (input units) separates foreground; None uses Otsu on the volume's native voxels
+    (:func:`volume_threshold`), whether or not ``factors`` is given, so that training and prediction
+    draw the same line through the same scan. With ``factors`` the statistics are then taken from
+    resampled slices, so they describe what the network sees.
     """
+    thr = volume_threshold(vol, axis, max_slices) if threshold is None else float(threshold)
     values = sample_voxels(vol, axis, max_slices, factors)
-    thr = otsu_threshold(values) if threshold is None else float(threshold)
     fg = values[values > thr].astype(np.float64)
     if fg.size < 2:
         raise InputError(vol.path, f"no foreground above intensity threshold {thr:g}; cannot normalise")

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from microsr_tf.errors import ConfigError, InputError
 from microsr_tf.models.generator import with_precision
+from microsr_tf.models.layers import image_seeds
 
 _MAX_SEED = 2**31 - 1  # seed rows are int32
 _LIVE_FACTOR = 3  # live activations of a conv stack ~ input + output + one skip of the largest tensor
@@ -117,10 +118,14 @@ def resolve_seed(seed: int | None) -> int:
 
 
 def _resolve_seeds(seed, n: int) -> tuple[int | tuple[int, ...], np.ndarray]:
-    """``(seed as recorded, [n] int32 per-image seeds)`` from an int, ``None`` or one int per image."""
+    """``(seed as recorded, [n] int32 per-image seeds)`` from an int, ``None`` or one int per image.
+
+    One int is a base seed: image ``b`` of the batch gets :func:`~microsr_tf.models.layers.image_seeds`
+    ``(seed, n)[b]`` (image 0 the seed itself), the convention the served signatures follow too.
+    """
     if seed is None or isinstance(seed, (int, np.integer)):
         seed = resolve_seed(seed)
-        return seed, np.full(n, seed, np.int32)
+        return seed, image_seeds(seed, n)
     seeds = tuple(resolve_seed(s) for s in seed)
     if len(seeds) != n:
         raise ConfigError(f"got {len(seeds)} per-image Monte Carlo seeds for {n} images")

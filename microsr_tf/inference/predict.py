@@ -35,6 +35,7 @@ META_KEYS = ("hr_spacing", "factors", "hr_stats")  # what prediction reads from 
 
 Roi = Sequence[tuple[int | None, int | None]]
 Progress = Callable[[int, int, float], None]
+SliceEngine = Callable[[np.ndarray, int], MCResult]  # (normalised HR-grid slice, slice seed) -> posterior
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,8 @@ def predict_volume(
     preview: bool = False,
     progress: Progress | None = None,
     precision: str = "float32",
+    normalize: str = "volume",
+    engine: SliceEngine | None = None,
 ) -> PredictResult:
     """Super-resolve one LR volume into ``NAME_mean.nii.gz`` and ``NAME_var.nii.gz`` under ``out_dir``.
 
@@ -161,9 +164,13 @@ def predict_volume(
     affine places that sub-volume in world space. Slice ``k`` always uses the dropout seed derived
     from ``(seed, k)``, so its result does not depend on which other slices are processed.
     ``precision="bfloat16"`` runs the generator's convolutions in bfloat16 (faster on CPUs with AMX).
+    ``normalize`` chooses the LR intensity statistics (see :func:`input_stats`). ``engine`` replaces the
+    local Monte Carlo posterior of one normalised HR-grid slice (``engine(slice, slice_seed) -> MCResult``,
+    e.g. a TF-Serving client); everything else -- reading, resampling, normalising, seeds, units,
+    writing -- stays the same, so the files equal a local run's when the engine computes the same.
     """
     check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
-                  percentiles=percentiles, precision=precision)
+                  percentiles=percentiles, precision=precision, normalize=normalize)
     plan = plan_volume(input_path, meta, roi=roi, axis=axis)
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0] >> 1)
@@ -172,10 +179,16 @@ def predict_volume(
 
     start = time.perf_counter()
     vol, ax, ks = plan.volume, plan.axis, plan.slices
-    lr_stats = volume_stats(vol, axis=ax, factors=plan.factors)
+    lr_stats = input_stats(vol, ax, plan.factors, meta, normalize)
     hr_stats = IntensityStats.from_dict(meta["hr_stats"])
     (i0, i1), (j0, j1) = [r for d, r in enumerate(plan.roi) if d != ax]
-    predictor = MonteCarloPredictor(generator, samples=samples, percentiles=tuple(percentiles), precision=precision)
+    if engine is None:
+        predictor = MonteCarloPredictor(generator, samples=samples, percentiles=tuple(percentiles),
+                                        precision=precision)
+
+        def engine(image: np.ndarray, slice_seed_: int) -> MCResult:
+            predictor.seed = slice_seed_
+            return predict_slice(predictor, image, mode=stitch, tile=tile, overlap=overlap, batch_size=batch_size)
     middle = ks[len(ks) // 2]
     panel = None
     convergence: dict[str, float] = {}
@@ -185,8 +198,7 @@ def predict_volume(
                    for key, path in paths.items() if key != "preview"}
         for done, (k, raw) in enumerate(vol.iter_slices(ax, ks), start=1):
             lr_up = lr_stats.normalize(resample_slice(raw[i0:i1, j0:j1], plan.factors))
-            predictor.seed = slice_seed(seed, k)
-            res = predict_slice(predictor, lr_up, mode=stitch, tile=tile, overlap=overlap, batch_size=batch_size)
+            res = engine(lr_up, slice_seed(seed, k))
             for key, arr in _to_hr_units(res, hr_stats, write_std).items():
                 writers[key].write_slice(k - ks.start, arr)
             for key, value in res.convergence.items():
@@ -202,6 +214,29 @@ def predict_volume(
         input_path=plan.input_path, outputs=paths, shape=plan.out_shape, n_slices=len(ks), samples=samples,
         seed=seed, seconds=seconds, slices_per_s=len(ks) / seconds if seconds > 0 else math.inf,
         convergence=convergence)
+
+
+NORMALIZE_MODES = ("volume", "model")
+
+
+def input_stats(vol: Volume, axis: int, factors: Sequence[float], meta: Mapping[str, Any],
+                normalize: str = "volume") -> IntensityStats:
+    """Statistics that map an LR scan to the network's [0, 1] input, exactly as training mapped its scans.
+
+    ``"volume"`` (the paper's per-scan z-score): the scan's own foreground statistics, the foreground
+    drawn by the threshold training used (``meta["roi_threshold_lr"]``, else Otsu on the scan's native
+    voxels) and the values taken from the resampled slices, as :mod:`microsr_tf.pipeline` does.
+    ``"model"``: the pooled statistics of the training LR scans stored with the model, for a scan
+    (or a single slice) too small to describe itself.
+    """
+    if normalize == "model":
+        if not meta.get("lr_stats"):
+            raise ConfigError("this model stores no LR statistics (trained before they were recorded); "
+                              "use normalize='volume'")
+        return IntensityStats.from_dict(meta["lr_stats"])
+    if normalize != "volume":
+        raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {normalize!r}")
+    return volume_stats(vol, axis=axis, threshold=meta.get("roi_threshold_lr"), factors=factors)
 
 
 def _to_hr_units(res: MCResult, hr: IntensityStats, write_std: bool) -> dict[str, np.ndarray]:
@@ -226,7 +261,7 @@ def stale_temp_files(name: str, out_dir: str | os.PathLike) -> list[str]:
 
 def check_options(samples: int = 100, seed: int | None = None, stitch: str = "blend", tile: int = 256,
                   overlap: float = 0.25, batch_size: int = 8, percentiles: Sequence[float] = (),
-                  precision: str = "float32") -> None:
+                  precision: str = "float32", normalize: str = "volume") -> None:
     """Refuse option values that cannot work, before any file is opened."""
     if samples < 2:
         raise ConfigError(f"samples must be >= 2 to estimate a variance, got {samples}")
@@ -245,6 +280,8 @@ def check_options(samples: int = 100, seed: int | None = None, stitch: str = "bl
             raise ConfigError(f"percentiles must be in [0, 100], got {q}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if normalize not in NORMALIZE_MODES:
+        raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {normalize!r}")
 
 
 def preview_image(lr_up: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:

@@ -48,6 +48,7 @@ def with_precision(generator: ResnetGenerator, precision: str = "float32") -> Re
     clone.build((None, None, None, 1))
     clone.set_weights(generator.get_weights())
     clone.fused_ops = generator.fused_ops
+    clone.xla_kernels = generator.xla_kernels
     return clone
 
 
@@ -60,19 +61,20 @@ def _build_sequence(layers: Sequence[keras.layers.Layer], shape: tuple) -> tuple
     return shape
 
 
-def _apply(layers: Sequence[keras.layers.Layer], x: tf.Tensor, fused: bool = True) -> tf.Tensor:
+def _apply(layers: Sequence[keras.layers.Layer], x: tf.Tensor, fused: bool = True, xla: bool = True) -> tf.Tensor:
     """Run ``layers`` in order; with ``fused``, instance norm (+ a following ReLU) and reflection
-    padding + one-channel conv run as single fused kernels with the same weights and outputs."""
+    padding + one-channel conv run as single fused kernels with the same weights and outputs, compiled
+    by XLA when ``xla``."""
     i = 0
     while i < len(layers):
         layer, following = layers[i], layers[i + 1] if i + 1 < len(layers) else None
         if fused and is_instance_norm(layer, x.shape[-1]):
             relu = (type(following) is keras.layers.ReLU and following.max_value is None
                     and following.negative_slope == 0 and following.threshold == 0)
-            x = fused_instance_norm(x, layer, relu)
+            x = fused_instance_norm(x, layer, relu, xla)
             i += 2 if relu else 1
         elif fused and isinstance(layer, ReflectionPadding2D) and is_one_channel_conv(following, layer.padding):
-            x = reflect_conv_one_channel(x, following)
+            x = reflect_conv_one_channel(x, following, xla)
             i += 2
         else:
             x = layer(x)
@@ -89,6 +91,7 @@ class ResnetBlock(keras.layers.Layer):
     """
 
     fused_ops = True
+    xla_kernels = True
 
     def __init__(self, filters: int, dropout_rate: float = 0.0, dropout_index: int = 0, **kwargs):
         super().__init__(**kwargs)
@@ -103,12 +106,12 @@ class ResnetBlock(keras.layers.Layer):
         _build_sequence(self.tail, _build_sequence(self.head, input_shape))
 
     def first_half(self, x: tf.Tensor) -> tf.Tensor:
-        return _apply(self.head, x, self.fused_ops)
+        return _apply(self.head, x, self.fused_ops, self.xla_kernels)
 
     def second_half(self, x: tf.Tensor, h: tf.Tensor, seed: tf.Tensor | None = None) -> tf.Tensor:
         if self.dropout is not None:
             h = self.dropout(h, seed=seed)
-        return x + _apply(self.tail, h, self.fused_ops)
+        return x + _apply(self.tail, h, self.fused_ops, self.xla_kernels)
 
     def call(self, x, seed=None):
         return self.second_half(x, self.first_half(x), seed)
@@ -169,6 +172,24 @@ class ResnetGenerator(keras.Model):
         self.decoder += [ReflectionPadding2D(3), keras.layers.Conv2D(1, 7),
                          keras.layers.Activation("sigmoid", dtype="float32")]
         self.fused_ops = True
+        self.xla_kernels = True
+
+    @property
+    def xla_kernels(self) -> bool:
+        """Whether the fused kernels and dropout masks are XLA-compiled (fast on CPU). False traces them as
+        plain ops with identical results: graphs for servers that do not compile XLA, such as the stock
+        ``tensorflow_model_server`` (exports set it). Set it before the first traced call."""
+        return self._xla_kernels
+
+    @xla_kernels.setter
+    def xla_kernels(self, value: bool) -> None:
+        self._xla_kernels = bool(value)
+        for block in self.blocks:
+            block.xla_kernels = self._xla_kernels
+            if block.dropout is not None:
+                block.dropout.xla = self._xla_kernels
+        if self.bottleneck_dropout is not None:
+            self.bottleneck_dropout.xla = self._xla_kernels
 
     @property
     def fused_ops(self) -> bool:
@@ -202,13 +223,13 @@ class ResnetGenerator(keras.Model):
         """
         x = tf.cast(x, tf.float32)
         self._ensure_built(x)
-        h = _apply(self.encoder, x, self.fused_ops)
+        h = _apply(self.encoder, x, self.fused_ops, self.xla_kernels)
         if self._position == "resblocks":
             return h, self.blocks[0].first_half(h)
         for block in self.blocks:
             h = block(h)
         if self._position == "none":
-            return (_apply(self.decoder, h, self.fused_ops),)
+            return (_apply(self.decoder, h, self.fused_ops, self.xla_kernels),)
         return (h,)
 
     def stochastic_suffix(self, features: Sequence[tf.Tensor], seed: tf.Tensor | None = None) -> tf.Tensor:
@@ -222,7 +243,7 @@ class ResnetGenerator(keras.Model):
                 h = block(h, seed=seed)
         else:
             h = self.bottleneck_dropout(features[0], seed=seed)
-        return _apply(self.decoder, h, self.fused_ops)
+        return _apply(self.decoder, h, self.fused_ops, self.xla_kernels)
 
     def call(self, x, seed=None):
         return self.stochastic_suffix(self.deterministic_prefix(x), seed)

@@ -39,8 +39,7 @@ def _py_fmix32(h: int) -> int:
     return h ^ (h >> 16)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
-def _dropout_mask(x: tf.Tensor, seed: tf.Tensor, salt: tf.Tensor, threshold: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+def _dropout_mask_ops(x: tf.Tensor, seed: tf.Tensor, salt: tf.Tensor, threshold: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
     """Inverted-dropout mask shaped like ``x``: 0 or ``scale``; row ``i`` depends only on
     ``seed[i]``, ``salt`` (the layer) and the shape of one example. Elements are kept where their
     32-bit hash is at least ``threshold``. The constants are tensors so that one trace serves all
@@ -54,6 +53,32 @@ def _dropout_mask(x: tf.Tensor, seed: tf.Tensor, salt: tf.Tensor, threshold: tf.
     bits = _fmix32(tf.bitwise.bitwise_xor(position[None, :], key[:, None]))
     mask = tf.where(bits >= threshold, scale, tf.zeros([], x.dtype))
     return tf.reshape(mask, shape)
+
+
+_dropout_mask = tf.function(_dropout_mask_ops, jit_compile=True, reduce_retracing=True)
+
+
+def image_seeds(seed: int, n: int) -> "np.ndarray":
+    """``[n]`` int32 dropout seeds of the images of a batch predicted with one base ``seed``.
+
+    The one convention of library, CLI and served signatures: image 0 uses ``seed`` itself (so a
+    single slice sent with a seed equals a local prediction of that slice with that seed) and image
+    ``b > 0`` uses ``fmix32(seed ^ fmix32(b * golden)) >> 1``, a 31-bit hash that never wraps out of
+    range. :func:`image_seeds_tf` computes the same in a graph.
+    """
+    import numpy as np
+
+    seeds = [int(seed)] + [_py_fmix32(int(seed) ^ _py_fmix32(b * _GOLDEN)) >> 1 for b in range(1, int(n))]
+    return np.asarray(seeds, np.int32)
+
+
+def image_seeds_tf(seed: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
+    """Graph form of :func:`image_seeds`: ``[n]`` int32 seeds from a scalar int32 ``seed``."""
+    b = tf.bitcast(tf.range(n, dtype=tf.int32), tf.uint32)
+    s = tf.bitcast(tf.cast(seed, tf.int32), tf.uint32)
+    hashed = tf.bitwise.right_shift(_fmix32(tf.bitwise.bitwise_xor(s, _fmix32(b * tf.constant(_GOLDEN, tf.uint32)))),
+                                    tf.constant(1, tf.uint32))
+    return tf.bitcast(tf.where(tf.equal(b, 0), s, hashed), tf.int32)
 
 
 def _random_seeds(batch: tf.Tensor) -> tf.Tensor:
@@ -99,8 +124,7 @@ def is_instance_norm(layer, channels: int) -> bool:
             and layer.axis in (-1, 3) and layer.scale and layer.center)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
-def _instance_norm_kernel(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float, relu: bool) -> tf.Tensor:
+def _instance_norm_ops(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float, relu: bool) -> tf.Tensor:
     """Per-(example, channel) normalisation over height and width, scale, offset and optional ReLU,
     compiled by XLA into two reduction passes and one elementwise pass. Statistics and arithmetic are
     float32 whatever ``x``'s dtype (the casts fuse into the passes); the result has ``x``'s dtype."""
@@ -113,12 +137,16 @@ def _instance_norm_kernel(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsil
     return tf.cast(tf.nn.relu(y) if relu else y, dtype)
 
 
-def fused_instance_norm(x: tf.Tensor, norm: keras.layers.GroupNormalization, relu: bool = False) -> tf.Tensor:
+_instance_norm_kernel = tf.function(_instance_norm_ops, jit_compile=True, reduce_retracing=True)
+
+
+def fused_instance_norm(x: tf.Tensor, norm: keras.layers.GroupNormalization, relu: bool = False,
+                        xla: bool = True) -> tf.Tensor:
     """``norm(x)`` (then ReLU when ``relu``) for an :func:`instance_norm` layer, computed in one compiled
     kernel with the layer's weights; ~3x faster than the Keras layer (which reduces over a 5-D grouped
     view and runs each step as a separate pass) and equal to float rounding. Returns ``x``'s dtype."""
-    return _instance_norm_kernel(x, tf.cast(norm.gamma, tf.float32), tf.cast(norm.beta, tf.float32),
-                                 float(norm.epsilon), bool(relu))
+    kernel = _instance_norm_kernel if xla else _instance_norm_ops
+    return kernel(x, tf.cast(norm.gamma, tf.float32), tf.cast(norm.beta, tf.float32), float(norm.epsilon), bool(relu))
 
 
 def is_one_channel_conv(layer, padding: int) -> bool:
@@ -130,8 +158,7 @@ def is_one_channel_conv(layer, padding: int) -> bool:
             and layer.data_format == "channels_last" and layer.activation is keras.activations.linear)
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
-def _reflect_conv_one_channel_kernel(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+def _reflect_conv_one_channel_ops(x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
     """Reflection padding then a ``k x k`` valid convolution into one channel, as one ``C -> k*k`` matrix
     product (channel-first, so each tap is a contiguous plane) and ``k*k`` shifted plane sums.
 
@@ -151,13 +178,18 @@ def _reflect_conv_one_channel_kernel(x: tf.Tensor, kernel: tf.Tensor, bias: tf.T
     return (y + bias[0])[..., None]
 
 
-def reflect_conv_one_channel(x: tf.Tensor, conv: keras.layers.Conv2D) -> tf.Tensor:
+_reflect_conv_one_channel_kernel = tf.function(_reflect_conv_one_channel_ops, jit_compile=True,
+                                               reduce_retracing=True)
+
+
+def reflect_conv_one_channel(x: tf.Tensor, conv: keras.layers.Conv2D, xla: bool = True) -> tf.Tensor:
     """``conv(ReflectionPadding2D(k // 2)(x))`` for a one-channel ``k x k`` conv (see
     :func:`is_one_channel_conv`), with the conv's weights. A convolution into a single channel keeps
     the vector units of a standard kernel mostly idle (~3 GFLOP/s here); this form runs the work as a
     matrix product and is ~4x faster, equal to float rounding. The result is float32 (it feeds the
     float32 output activation, so a bfloat16 input is not rounded again at the end)."""
-    return _reflect_conv_one_channel_kernel(x, tf.cast(conv.kernel, tf.float32), tf.cast(conv.bias, tf.float32))
+    kernel = _reflect_conv_one_channel_kernel if xla else _reflect_conv_one_channel_ops
+    return kernel(x, tf.cast(conv.kernel, tf.float32), tf.cast(conv.bias, tf.float32))
 
 
 @keras.saving.register_keras_serializable(package="microsr_tf")
@@ -168,6 +200,8 @@ class MCDropout(keras.layers.Layer):
     mask depends only on ``seed[i]``, this layer's ``index`` and the shape of ``x``, so equal seeds
     give bit-identical samples. Without a seed each call draws fresh masks.
     """
+
+    xla = True  # False: the mask is computed by plain ops (graphs for servers without XLA)
 
     def __init__(self, rate: float, index: int = 0, **kwargs):
         super().__init__(**kwargs)
@@ -184,7 +218,8 @@ class MCDropout(keras.layers.Layer):
         threshold = tf.constant(min(round(self.rate * 2**32), 2**32 - 1), tf.uint32)
         salt = tf.constant(_py_fmix32(self.index * _GOLDEN + 1), tf.uint32)
         scale = tf.constant(1.0 / (1.0 - self.rate), x.dtype)
-        mask = _dropout_mask(tf.stop_gradient(x), tf.cast(seed, tf.int32), salt, threshold, scale)
+        kernel = _dropout_mask if self.xla else _dropout_mask_ops
+        mask = kernel(tf.stop_gradient(x), tf.cast(seed, tf.int32), salt, threshold, scale)
         return x * mask
 
     def compute_output_shape(self, input_shape):

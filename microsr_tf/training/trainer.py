@@ -85,6 +85,8 @@ def generator_meta(cfg: Config, data: TrainingData | PairedData) -> dict:
         "lr_spacing": [float(s) for s in data.lr_spacing],
         "factors": [float(f) for f in data.factors],
         "hr_stats": data.hr_stats.to_dict(),
+        "lr_stats": None if data.lr_stats is None else data.lr_stats.to_dict(),
+        "roi_threshold_lr": cfg.data.roi_threshold_lr,
         "model": dataclasses.asdict(cfg.model),
         "patch_size": cfg.data.patch_size,
         "axis": cfg.data.axis,

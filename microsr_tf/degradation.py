@@ -91,6 +91,9 @@ class PairedData:
     val_lr: np.ndarray  # the validation HR patches, degraded with a fixed seed
     val_hr: np.ndarray
     seed: int | None  # data.seed; None draws one per dataset
+    # No LR voxel is read, so there are no pooled LR statistics (predict --normalize model needs them;
+    # the per-scan default does not).
+    lr_stats: None = None
 
     lr_files: list[Path] = dataclasses.field(init=False)
     hr_files: list[Path] = dataclasses.field(init=False)

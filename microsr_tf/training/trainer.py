@@ -36,8 +36,8 @@ from microsr_tf.models.artifact import save_generator
 from microsr_tf.models.cyclegan import float32_generator
 from microsr_tf.pipeline import TrainingData
 from microsr_tf.training.callbacks import CheckpointSaver, ProgressBar, TensorBoardLogger, summary_writer
-from microsr_tf.training.multiworker import custom_loop
 from microsr_tf.training.methods import build_method, is_deterministic, method_data
+from microsr_tf.training.multiworker import custom_loop
 from microsr_tf.training.strategy import WorkerDir, check_batch_size, is_chief, is_multiworker, make_strategy
 from microsr_tf.volumes import make_output_dir
 

@@ -49,7 +49,7 @@ class Degradation:
 
     def lr_shape(self, hr_shape: tuple[int, int]) -> tuple[int, int]:
         """Pixels of the LR grid of a ``hr_shape`` patch: ``round(n / f)``, at least 1."""
-        return tuple(max(1, int(round(n / f))) for n, f in zip(hr_shape, self.factors))
+        return tuple(max(1, round(n / f)) for n, f in zip(hr_shape, self.factors))
 
     def downsample(self, hr: tf.Tensor) -> tf.Tensor:
         """``[B, H, W, 1]`` -> ``[B, h, w, 1]`` on the LR grid, anti-aliased Keys bicubic."""

@@ -280,7 +280,7 @@ def test_train_resume_predict_export_end_to_end(method, phantoms, tmp_path):
 
     code, text = _run("export", "--model", str(run), "--out", str(exported), "--samples", "7")
     assert code == 0, text
-    generator, exported_meta = load_model(exported)
+    _, exported_meta = load_model(exported)
     assert exported_meta["deterministic"] is True and exported_meta["method"] == method
     x = np.random.default_rng(0).random((2, 36, 44, 1), dtype=np.float32)
     signatures = tf.saved_model.load(str(exported / "1")).signatures

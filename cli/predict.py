@@ -1,4 +1,4 @@
-"""``microsr-tf predict``: super-resolve NIfTI volumes into posterior mean and variance volumes."""
+"""``microsr-tf predict``: super-resolve NIfTI volumes or DICOM series into posterior mean and variance volumes."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class _Progress:
 
 
 @click.command("predict")
-@click.argument("inputs", nargs=-1, required=True, metavar="INPUT.nii[.gz]...")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--model", "model_path", required=True, metavar="PATH",
               help="Trained generator: a training run directory, a .keras file or an exported SavedModel.")
 @click.option("--out-dir", required=True, metavar="DIR",
@@ -87,15 +87,15 @@ class _Progress:
 @click.option("--seed", type=int, default=None,
               help="Base seed of the dropout masks; the same seed gives identical files. Default: random "
                    "(the seed used is reported). In [0, 2^31 - 1].")
-@click.option("--stitch", type=click.Choice(["blend", "paper", "whole"]), default="blend", show_default=True,
-              help="Whole-slice reconstruction: blend overlapping tiles, the paper's histogram matching + "
-                   "median filter, or the whole slice in one pass.")
-@click.option("--tile", type=int, default=256, show_default=True,
-              help="Tile size in HR pixels for blend/paper stitching (a multiple of 4, >= 8).")
-@click.option("--overlap", type=float, default=0.25, show_default=True,
-              help="Fraction of a tile shared with its neighbour (blend), in [0, 0.75].")
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Tiles per forward pass.")
+@click.option("--stitch", type=click.Choice(["whole", "paper"]), default="whole", show_default=True,
+              help="whole: the exact posterior of the whole slice; paper: then the paper's per-tile histogram "
+                   "matching and median filter (the variance follows the same maps).")
+@click.option("--tile", type=int, default=None,
+              help="Height in HR pixels (a multiple of 4) of the stripes a norm-free decoder runs in. Sets "
+                   "memory and speed only: any value gives the same result.  [default: sized to the memory budget]")
+@click.option("--memory-budget", default="auto", show_default=True, metavar="auto|MB",
+              help="Working memory for the Monte Carlo passes; auto is half the memory available. A slice "
+                   "that cannot fit is refused before anything is written.")
 @click.option("--roi", "roi_text", metavar="i0:i1,j0:j1,k0:k1", default=None, help=ROI_HELP)
 @click.option("--axis", type=int, default=None,
               help="Slice axis of the input, 0, 1 or 2 (default: the model's, normally the last).")
@@ -110,16 +110,21 @@ class _Progress:
 @click.option("--normalize", type=click.Choice(["volume", "model"]), default="volume", show_default=True,
               help="LR intensity statistics: the scan's own (as the paper and training do), or the training "
                    "scans' pooled statistics stored with the model (for scans too small to describe themselves).")
+@click.option("--resample-input", is_flag=True,
+              help="Accept a scan whose in-plane spacing is not the model's LR spacing: resample it to that "
+                   "spacing first (bicubic, anti-aliased when it gets coarser), then super-resolve at the trained "
+                   "factor. Outputs are on the model's HR spacing; their NIfTI description records the resampling.")
 @user_errors
-def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, batch_size, roi_text, axis,
-            write_std, percentiles_text, preview, precision, normalize) -> None:
+def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_budget, roi_text, axis,
+            write_std, percentiles_text, preview, precision, normalize, resample_input) -> None:
     """Super-resolve INPUT volumes into posterior mean and variance NIfTI volumes (paper eq. 4).
 
-    Each input is read slice by slice, upsampled to the model's HR spacing, normalised, predicted T
-    times with Monte Carlo dropout and written as NAME_mean.nii.gz (HR intensity units) and
-    NAME_var.nii.gz (their square) with the matching affine. A deterministic model (the U-Net and
-    SRGAN baselines, or a CycleGAN without dropout) has one possible output: its variance is exactly
-    0, its variance file's header description says so, and T is not used.
+    An INPUT is a NIfTI volume (.nii, .nii.gz) or a folder holding one DICOM series. Each input is
+    read slice by slice, upsampled to the model's HR spacing, normalised, predicted T times with
+    Monte Carlo dropout and written as NAME_mean.nii.gz (HR intensity units) and NAME_var.nii.gz
+    (their square) with the matching affine. A deterministic model (the U-Net and SRGAN baselines,
+    or a CycleGAN without dropout) has one possible output: its variance is exactly 0, its variance
+    file's header description says so, and T is not used.
     """
     roi = parse_roi(roi_text)
     percentiles = parse_percentiles(percentiles_text)
@@ -128,10 +133,14 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
     from microsr_tf.export import load_model
     from microsr_tf.volumes import set_description
 
-    check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
-                  percentiles=percentiles, precision=precision, normalize=normalize)
+    check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, percentiles=percentiles,
+                  precision=precision, normalize=normalize)
+    from microsr_tf.inference.mc import resolve_memory_budget
+
+    memory_budget = resolve_memory_budget(memory_budget)
     generator, meta = load_model(model_path)
-    plans = [plan_volume(path, meta, roi=roi, axis=axis) for path in inputs]  # refuse bad inputs up front
+    plans = [plan_volume(path, meta, roi=roi, axis=axis, resample_input=resample_input)
+             for path in inputs]  # refuse bad inputs up front
     seen: dict[str, str] = {}
     for plan in plans:
         if plan.name in seen:
@@ -155,9 +164,10 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
         progress = _Progress(plan.name)
         try:
             result = predict_volume(plan.input_path, generator, meta, out_dir, samples=samples, seed=seed,
-                                    stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size, roi=roi,
+                                    stitch=stitch, tile=tile, memory_budget=memory_budget, roi=roi,
                                     axis=axis, write_std=write_std, percentiles=percentiles, preview=preview,
-                                    progress=progress, precision=precision, normalize=normalize)
+                                    progress=progress, precision=precision, normalize=normalize,
+                                    resample_input=resample_input)
         finally:
             progress.close()
         if deterministic:

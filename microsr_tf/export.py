@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from .errors import InputError
 from .files import atomic_directory
-from .models.layers import image_seeds_tf
+from .models.dropout import image_seeds_tf
 from .models.artifact import check_prediction_meta, generator_file, load_generator, meta_path_for, read_meta
 from .volumes import make_output_dir
 

@@ -35,7 +35,7 @@ class DeterministicGenerator(keras.Model):
     """
 
     n_dropout_layers = 0  # no dropout: the Monte Carlo variance is zero
-    fused_ops = False  # no fused kernels; the attribute is copied by with_precision / float32_generator
+    xla_kernels = False  # no XLA-fused kernels; the attribute is copied by with_precision / float32_generator
 
     def forward(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
         raise NotImplementedError

@@ -10,7 +10,6 @@ from microsr_tf.errors import ConfigError, InputError
 
 from ._common import user_errors
 
-DETERMINISTIC_VARIANCE = "variance 0: deterministic {method} model, no MC dropout"
 
 ROI_HELP = ("Only process voxel ranges i0:i1,j0:j1,k0:k1 of the input array (its own axis order, half-open, "
             "an empty bound means the full extent, e.g. ':,100:300,40:60'). The output affine places the "
@@ -131,7 +130,6 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_bud
 
     from microsr_tf.inference.predict import check_options, plan_volume, predict_volume, stale_temp_files
     from microsr_tf.export import load_model
-    from microsr_tf.volumes import set_description
 
     check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, percentiles=percentiles,
                   precision=precision, normalize=normalize)
@@ -149,12 +147,8 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_bud
     deterministic = meta.get("deterministic") is True
     method = meta.get("method", "dropout-free")
     if deterministic:
-        # Every Monte Carlo sample of a network without dropout is the same pass: two samples (the
-        # engine's minimum) give the exact mean and a variance of exactly 0, where T copies would
-        # only cost memory and add rounding noise to the variance.
         click.echo(f"deterministic model ({method}): one output per voxel, variance "
                    f"exactly 0 (T = {samples} not used)")
-        samples = 2
 
     for plan in plans:
         stale = stale_temp_files(plan.name, out_dir)
@@ -170,10 +164,6 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_bud
                                     resample_input=resample_input)
         finally:
             progress.close()
-        if deterministic:
-            for key in ("var", "std"):
-                if key in result.outputs:
-                    set_description(result.outputs[key], DETERMINISTIC_VARIANCE.format(method=method))
         for path in result.outputs.values():
             click.echo(f"wrote {path}")
         click.echo(result.summary())

@@ -494,35 +494,6 @@ class VolumeWriter:
             self._fh = None
 
 
-def set_description(path: str | os.PathLike, text: str) -> None:
-    """Rewrite the header ``descrip`` field (80 bytes, ASCII) of the NIfTI file at ``path``, atomically.
-
-    The voxel data are streamed through unchanged (recompressed for ``.nii.gz``), so memory stays
-    bounded; the header keeps its size, so the data offset does not move.
-    """
-    path = Path(path)
-    encoded = text.encode("ascii")
-    if len(encoded) > 79:
-        raise ValueError(f"a NIfTI description holds at most 79 characters, got {len(encoded)}: {text!r}")
-    header_class = type(nib.load(path).header)
-    gz = path.name.lower().endswith(".gz")
-    fd, tmp = _create_temp(path, ".nii.gz.part" if gz else ".nii.part")
-    try:
-        with ImageOpener(path, "rb") as src, os.fdopen(fd, "wb") as raw, contextlib.ExitStack() as stack:
-            # The header as stored (a loaded image's header has vox_offset and scaling reset); the
-            # extension flag and extensions after it are copied with the data.
-            header = header_class(src.read(header_class.sizeof_hdr), check=False)
-            header["descrip"] = encoded
-            out = stack.enter_context(gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1,
-                                                    mtime=0)) if gz else raw
-            out.write(header.binaryblock)
-            shutil.copyfileobj(src, out, _GZIP_CHUNK)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_all([tmp])
-        raise
-
-
 def _gzip_to_temp(src: str, target: Path) -> str:
     """Stream-compress ``src`` into a hidden temp file next to ``target``; return its path."""
     fd, tmp = _create_temp(target, ".nii.gz.part")

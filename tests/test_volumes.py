@@ -472,28 +472,3 @@ def test_write_volume_overwrites_atomically_and_keeps_dtype(tmp_path, rng):
     write_volume(target, second, np.eye(4))
     np.testing.assert_array_equal(np.asarray(nib.load(target).dataobj), second)
     assert dir_listing(tmp_path) == ["v.nii.gz"]
-
-
-@pytest.mark.parametrize("name, cls", [("v.nii.gz", nib.Nifti1Image), ("v.nii", nib.Nifti1Image),
-                                       ("v2.nii.gz", nib.Nifti2Image)])
-def test_set_description_rewrites_only_the_description(tmp_path, rng, name, cls):
-    data = rng.normal(100.0, 400.0, (7, 5, 3)).astype(np.float32)
-    header = cls.header_class(endianness=">")  # big-endian, scaled to int16, with an extension
-    header.set_data_dtype(np.int16)
-    img = cls(data, oblique_affine(), header=header)
-    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"kept extension".ljust(16, b"\0")))
-    path = tmp_path / name
-    nib.save(img, path)
-    before = nib.load(path)
-    volumes.set_description(path, "variance 0: deterministic unet model")
-    after = nib.load(path)
-    assert after.header["descrip"].tobytes().rstrip(b"\0") == b"variance 0: deterministic unet model"
-    assert before.dataobj.slope != 1.0 and before.dataobj.inter != 0.0
-    assert after.header.endianness == ">"
-    assert (after.dataobj.slope, after.dataobj.inter) == (before.dataobj.slope, before.dataobj.inter)
-    np.testing.assert_array_equal(np.asarray(after.dataobj), np.asarray(before.dataobj))
-    np.testing.assert_array_equal(after.affine, before.affine)
-    assert [e.get_content() for e in after.header.extensions] == [e.get_content() for e in before.header.extensions]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary left
-    with pytest.raises(ValueError, match="at most 79"):
-        volumes.set_description(path, "x" * 80)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -51,6 +52,19 @@ def parse_percentiles(text: str | None) -> tuple[float, ...]:
     return values
 
 
+def _read_token(token_file: str | None) -> str | None:
+    """The bearer token from ``token_file``, else ``MICROSR_SERVING_TOKEN``, else None."""
+    if token_file is None:
+        return os.environ.get("MICROSR_SERVING_TOKEN") or None
+    try:
+        with open(token_file, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except OSError as exc:
+        raise InputError(token_file, f"cannot read the token file ({exc.strerror or type(exc).__name__})") from None
+    except UnicodeDecodeError:
+        raise InputError(token_file, "the token file is not UTF-8 text") from None
+
+
 class _Progress:
     """Renders predict_volume's (done, total, elapsed) callbacks as a click progress bar on stderr."""
 
@@ -74,8 +88,9 @@ class _Progress:
 
 @click.command("predict")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT.nii[.gz]...")
-@click.option("--model", "model_path", required=True, metavar="PATH",
-              help="Trained generator: a training run directory, a .keras file or an exported SavedModel.")
+@click.option("--model", "model_path", default=None, metavar="PATH",
+              help="Trained generator: a training run directory, a .keras file or an exported SavedModel. "
+                   "Required unless --server is given.")
 @click.option("--out-dir", required=True, metavar="DIR",
               help="Where NAME_mean.nii.gz and NAME_var.nii.gz are written (created if missing).")
 @click.option("--samples", "-T", type=int, default=100, show_default=True,
@@ -108,9 +123,36 @@ class _Progress:
 @click.option("--normalize", type=click.Choice(["volume", "model"]), default="volume", show_default=True,
               help="LR intensity statistics: the scan's own (as the paper and training do), or the training "
                    "scans' pooled statistics stored with the model (for scans too small to describe themselves).")
+@click.option("--server", metavar="HOST:PORT", default=None,
+              help="Run the Monte Carlo passes on a TF-Serving model server holding a microsr-tf export instead "
+                   "of --model; reading, tiling, stitching and writing stay local, so the files equal a local "
+                   "run's for the same seed. Plain text is refused for hosts outside loopback (see --tls).")
+@click.option("--model-name", default="microsr", show_default=True, help="Model name on the server.")
+@click.option("--model-version", type=click.IntRange(min=1), default=None,
+              help="Model version on the server (default: the one it serves).")
+@click.option("--protocol", type=click.Choice(["grpc", "rest"]), default="grpc", show_default=True,
+              help="TF-Serving's gRPC API (port 8500) or its REST API (port 8501).")
+@click.option("--tls", is_flag=True, help="Encrypt the connection (gRPC over TLS, HTTPS for REST).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), default=None, metavar="PEM",
+              help="CA bundle that signed the server's certificate (default: the system's trusted CAs).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, metavar="PEM",
+              help="Client certificate, for servers that require one (with --tls-key).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, metavar="PEM", help="Client private key.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="File holding a bearer token sent as 'authorization: Bearer', for gateways that require one "
+                   "(or set MICROSR_SERVING_TOKEN). Never printed or written anywhere.")
+@click.option("--insecure", is_flag=True,
+              help="Allow plain text to a host outside loopback (only on a network you trust).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="Seconds to wait for each answer of the server.")
+@click.option("--retries", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Retries while the server is unavailable, after 0.5, 1, 2, ... s.")
+@click.option("--max-message-mb", type=click.FloatRange(min=0, min_open=True), default=256.0, show_default=True,
+              help="Largest gRPC message sent or accepted (gRPC's own default is 4 MB).")
 @user_errors
 def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, batch_size, roi_text, axis,
-            write_std, percentiles_text, preview, precision, normalize) -> None:
+            write_std, percentiles_text, preview, precision, normalize, server, model_name, model_version, protocol,
+            tls, tls_ca, tls_cert, tls_key, token_file, insecure, timeout_s, retries, max_message_mb) -> None:
     """Super-resolve INPUT volumes into posterior mean and variance NIfTI volumes (paper eq. 4).
 
     Each input is read slice by slice, upsampled to the model's HR spacing, normalised, predicted T
@@ -125,7 +167,25 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
 
     check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
                   percentiles=percentiles, precision=precision, normalize=normalize)
-    generator, meta = load_model(model_path)
+    engine = None
+    if server is None:
+        if model_path is None:
+            raise click.UsageError("give --model (or --server)")
+        generator, meta = load_model(model_path)
+    else:
+        if model_path is not None:
+            raise click.UsageError("--model and --server are alternatives: with --server the served model is used")
+        if percentiles:
+            raise ConfigError("--percentiles needs the raw Monte Carlo samples, which a server does not return")
+        if precision != "float32":
+            raise ConfigError("--precision is for local prediction; the server runs its export in float32")
+        from microsr_tf.serving import ServingClient, remote_engine, served_meta
+
+        client = ServingClient(server, model_name, protocol, model_version, tls=tls, ca_file=tls_ca,
+                               cert_file=tls_cert, key_file=tls_key, token=_read_token(token_file),
+                               insecure=insecure, timeout=timeout_s, retries=retries, max_message_mb=max_message_mb)
+        generator, meta = None, served_meta(client)
+        engine = remote_engine(client, samples, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size)
     plans = [plan_volume(path, meta, roi=roi, axis=axis) for path in inputs]  # refuse bad inputs up front
     seen: dict[str, str] = {}
     for plan in plans:
@@ -143,7 +203,7 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
             result = predict_volume(plan.input_path, generator, meta, out_dir, samples=samples, seed=seed,
                                     stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size, roi=roi,
                                     axis=axis, write_std=write_std, percentiles=percentiles, preview=preview,
-                                    progress=progress, precision=precision, normalize=normalize)
+                                    progress=progress, precision=precision, normalize=normalize, engine=engine)
         finally:
             progress.close()
         for path in result.outputs.values():

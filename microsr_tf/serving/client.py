@@ -113,6 +113,7 @@ class ServingClient:
         self.max_message_bytes = int(max_message_mb * 2**20)
         self._auth = None if token is None else f"Bearer {token.strip()}"
         self._ssl = self._ssl_context(ca_file, cert_file, key_file) if tls else None
+        self._client_cert = bool(cert_file)
         self._channel = None
         if protocol == "grpc":
             self._channel = self._grpc_channel(ca_file, cert_file, key_file)
@@ -211,8 +212,9 @@ class ServingClient:
                 return self._send_grpc(request) if self.protocol == "grpc" else self._send_rest(request)
             except _Unavailable as exc:
                 if attempt == self.retries:
+                    hint = self._hung_up_hint if any(w in str(exc).lower() for w in ("closed", "reset")) else ""
                     raise ServingError(f"{self.describe()} is unavailable ({exc}); gave up after {attempt + 1} "
-                                       f"attempt(s) over {time.monotonic() - started:.1f} s") from None
+                                       f"attempt(s) over {time.monotonic() - started:.1f} s{hint}") from None
                 time.sleep(delay)
                 delay = min(2 * delay, 30.0)
         raise AssertionError("unreachable")
@@ -253,9 +255,12 @@ class ServingClient:
             conn.request("POST", messages.rest_path(self.model_name, self.version), body=body, headers=headers)
             response = conn.getresponse()
             data = response.read()
-        except ssl.SSLError:
+        except ssl.SSLCertVerificationError:
             raise ServingError(f"{self.describe()}: TLS handshake failed, the server's certificate is not trusted "
                                "or does not match its name (pass its CA with --tls-ca)") from None
+        except ssl.SSLError as exc:
+            raise ServingError(f"{self.describe()}: TLS handshake failed ({exc.reason or 'SSL error'}){self._cert_hint}"
+                               ) from None
         except TimeoutError:
             raise ServingError(f"{self.describe()} gave no answer within {self.timeout:g} s (--timeout)") from None
         except (ConnectionError, http.client.HTTPException) as exc:
@@ -272,6 +277,17 @@ class ServingClient:
             return messages.from_rest(request, data)
         except (ValueError, KeyError, TypeError) as exc:
             raise ServingError(f"{self.describe()}: unexpected answer to {request.signature} ({exc})") from None
+
+    @property
+    def _cert_hint(self) -> str:
+        """What to try when a TLS server hangs up during the handshake and no client certificate was sent."""
+        return ("; if the server requires a client certificate, pass --tls-cert and --tls-key"
+                if self.tls and not self._client_cert else "")
+
+    @property
+    def _hung_up_hint(self) -> str:
+        """What to try when the server closed the connection at once: TLS, or a client certificate."""
+        return self._cert_hint if self.tls else "; if the server speaks TLS, add --tls"
 
     def _refusal(self, code: str, message: str) -> ServingError:
         """One line for a failed call that is not worth retrying."""

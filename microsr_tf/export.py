@@ -9,7 +9,7 @@ Signatures (every input is checked in the graph, so any server answers a bad req
 INVALID_ARGUMENT and a message that says what was expected):
 
 - ``serving_default(image)`` -> ``{"mean", "variance"}``: normalised slices on the HR grid
-  (``[B, H, W, 1]`` float32 in [0, 1], H and W multiples of 4), the exported default number of
+  (``[B, H, W, 1]`` float32 in [0, 1], H and W multiples of 4 and at least 8), the exported default number of
   Monte Carlo samples, a fresh random seed per request;
 - ``mc_seeded(image, samples, seed)`` -> the same with an explicit sample count and seed;
 - ``mc_scanner(lr_image, spacing, samples, seed)`` -> ``{"mean", "variance", "std"}`` in HR units on
@@ -52,6 +52,7 @@ from .volumes import make_output_dir
 META_FILE = "microsr_meta.json"
 MAX_SAMPLES = 1000  # Monte Carlo samples one request may ask for
 DEFAULT_MAX_PIXELS = 4096 * 4096  # HR pixels (B * H * W) one request may hold
+MIN_SIZE = 8  # HR height and width: the generator's quarter-resolution layers reflect-pad by one pixel
 SIGNATURES = ("serving_default", "mc_seeded", "mc_scanner", "metadata")
 
 # Unknown ranks on purpose: the graph checks rank, shape and range itself and says what it expected
@@ -255,7 +256,7 @@ class _ServingModule(tf.Module):
     def _hr_grid(self, image, samples, seed):
         checks = _Checks()
         n = _dims(image, 1)[0]
-        _check_images(checks, image, "image", 4, 4, self.max_pixels)
+        _check_images(checks, image, "image", MIN_SIZE, 4, self.max_pixels)
         _check_samples(checks, samples, n)
         _check_seed(checks, seed, n)
         image = _as_images(checks.gate(image))
@@ -289,9 +290,9 @@ class _ServingModule(tf.Module):
         out_h = tf.cast(tf.round(tf.cast(h, _F64) * factors[0]), tf.int32)
         out_w = tf.cast(tf.round(tf.cast(w, _F64) * factors[1]), tf.int32)
         pixels = tf.cast(n, tf.int64) * tf.cast(out_h, tf.int64) * tf.cast(out_w, tf.int64)
-        checks.require(tf.logical_and(out_h >= 4, out_w >= 4),
-                       "lr_image is too small: its HR slice would be {}x{} pixels, at least 4x4 are needed",
-                       out_h, out_w)
+        checks.require(tf.logical_and(out_h >= MIN_SIZE, out_w >= MIN_SIZE),
+                       f"lr_image is too small: its HR slice would be {{}}x{{}} pixels, at least {MIN_SIZE}x{MIN_SIZE} "
+                       "are needed", out_h, out_w)
         checks.require(pixels <= self.max_pixels, f"lr_image would give {{}} HR pixels, more than the "
                                                   f"{self.max_pixels} one request may hold; send fewer slices", pixels)
         _check_samples(checks, samples, n)

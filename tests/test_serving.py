@@ -56,7 +56,7 @@ def test_seeded_request_matches_local_monte_carlo(model, server, protocol):
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_default_signature_and_single_slice(server, protocol):
     with ServingClient(server.target(protocol), protocol=protocol) as client:
-        mean, var = client.predict(np.full((32, 32), 0.5, np.float32))
+        mean, var = client.predict(np.random.default_rng(8).random((32, 32), dtype=np.float32))
         meta = client.metadata()
     assert mean.shape == var.shape == (32, 32)
     assert np.all(var >= 0) and np.all((mean >= 0) & (mean <= 1)) and var.max() > 0
@@ -79,6 +79,7 @@ def _bad_requests(protocol):
         (req(image=x[0, :, :, 0]), r"image must be float32 \[B, H, W, 1\], got shape \[16 16\]"),
         (req(image=np.zeros((1, 16, 16, 2), np.float32)), r"\(one channel\)"),
         (req(image=np.zeros((1, 18, 16, 1), np.float32)), r"height and width must be multiples of 4"),
+        (req(image=np.zeros((1, 4, 4, 1), np.float32)), r"height and width must be at least 8"),
         (req(image=np.full((1, 16, 16, 1), np.nan, np.float32)), r"image contains NaN or Inf"),
         (req(seed=np.int32(-3)), r"seed must be in \[0, 2147483647\]"),
         (req(seed=None), r"Missing but required: \{seed\}"),

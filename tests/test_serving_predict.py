@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -92,3 +93,22 @@ def test_sigkill_of_remote_predict_leaves_no_output_and_a_rerun_completes(tmp_pa
     result = CliRunner().invoke(cli, args[:-4] + ["-T", "2", "--roi", ":,:,0:2"])
     assert result.exit_code == 0, result.output
     assert sorted(f for f in os.listdir(out) if not f.startswith(".")) == ["long_mean.nii.gz", "long_var.nii.gz"]
+
+
+def test_the_plain_python_client_example_writes_what_predict_writes(tmp_path, setup):
+    """serving/client_example.py (numpy, nibabel, urllib; the mc_scanner signature over REST) against
+    `predict --normalize model --stitch whole --std` with the same seed."""
+    tmp, server = setup
+    _predict([tmp / "scan.nii.gz", "--model", tmp / "g.keras", "--out-dir", tmp_path / "local", "--samples", 3,
+              "--seed", 4, "--normalize", "model", "--stitch", "whole", "--std"])
+    example = Path(__file__).resolve().parents[1] / "serving" / "client_example.py"
+    subprocess.run([sys.executable, str(example), str(tmp / "scan.nii.gz"), str(tmp_path / "example"),
+                    "--server", f"http://{server.rest_target}", "--samples", "3", "--seed", "4"], check=True,
+                   capture_output=True)
+    for key in OUTPUTS:
+        local = nib.load(tmp_path / "local" / f"scan_{key}.nii.gz")
+        example_out = nib.load(tmp_path / "example" / f"scan_{key}.nii.gz")
+        np.testing.assert_allclose(example_out.affine, local.affine, atol=1e-9)
+        scale = float(np.abs(local.get_fdata()).max())
+        np.testing.assert_allclose(example_out.get_fdata(), local.get_fdata(), rtol=0,
+                                   atol=(1e-4 if key == "var" else 2e-5) * scale)

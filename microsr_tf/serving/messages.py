@@ -2,8 +2,10 @@
 TF-Serving's gRPC ``PredictionService.Predict`` and of its REST predict API
 (``POST /v1/models/NAME[/versions/N]:predict`` with ``signature_name`` and columnar ``inputs``).
 
-The limits mirror the export's (:data:`microsr_tf.export.MAX_SAMPLES`); the server checks every input
-again and answers INVALID_ARGUMENT, so a client in another language gets the same messages.
+Every input is sent with a leading batch dimension (``samples`` and ``seed`` one per image, ``spacing``
+one row per image), which TF-Serving's request batching needs. The limits mirror the export's
+(:data:`microsr_tf.export.MAX_SAMPLES`); the server checks every input again and answers
+INVALID_ARGUMENT, so a client in another language gets the same messages.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
 from ..errors import InputError
-from ..export import MAX_SAMPLES
+from ..export import MAX_SAMPLES, MIN_SIZE
+from ..models.layers import image_seeds
 
 MAX_SEED = 2**31 - 1
 
@@ -38,14 +41,15 @@ class Request:
         return int(sum(np.asarray(v).nbytes for v in self.inputs.values()))
 
 
-def _images(images, name: str, multiple: int) -> np.ndarray:
-    """``[B, H, W, 1]`` float32 from a batch or one ``[H, W]`` slice, finite, H and W multiples of ``multiple``."""
+def _images(images, name: str, multiple: int, min_size: int) -> np.ndarray:
+    """``[B, H, W, 1]`` float32 from a batch or one ``[H, W]`` slice, finite, H and W multiples of ``multiple``
+    and at least ``min_size``."""
     x = np.asarray(images)
     if x.ndim == 2:
         x = x[None, :, :, None]
-    if (x.ndim != 4 or x.shape[-1] != 1 or x.shape[0] < 1 or min(x.shape[1:3]) < multiple
+    if (x.ndim != 4 or x.shape[-1] != 1 or x.shape[0] < 1 or min(x.shape[1:3]) < min_size
             or x.shape[1] % multiple or x.shape[2] % multiple):
-        rule = f" with H and W multiples of {multiple}" if multiple > 1 else ""
+        rule = f" with H and W multiples of {multiple}, at least {min_size}" if multiple > 1 else ""
         raise InputError(None, f"{name} must be [B, H, W, 1] (or one [H, W] slice){rule}, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
         raise InputError(None, f"{name} must hold real numbers, got {x.dtype}")
@@ -61,13 +65,14 @@ def check_samples(samples) -> np.ndarray:
     return np.int32(samples)
 
 
-def _seed(seed, n: int) -> np.ndarray:
-    """A scalar base seed (image ``b`` uses ``image_seeds(seed, n)[b]`` on the server) or one seed per image."""
+def _seeds(seed, n: int) -> np.ndarray:
+    """``[n]`` per-image seeds: a base seed becomes ``image_seeds(seed, n)`` (what the server would derive
+    from it), so every input has the batch dimension TF-Serving's request batching needs."""
     values = [seed] if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) else list(seed)
     if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED for s in values):
         raise InputError(None, f"seed must be an integer in [0, {MAX_SEED}] or one per image, got {seed!r}")
     if isinstance(seed, (int, np.integer)):
-        return np.int32(seed)
+        return image_seeds(int(seed), n)
     if len(values) != n:
         raise InputError(None, f"got {len(values)} seeds for {n} images")
     return np.asarray(values, np.int32)
@@ -75,7 +80,7 @@ def _seed(seed, n: int) -> np.ndarray:
 
 def hr_grid_request(images, samples: int | None = None, seed: int | Sequence[int] | None = None) -> Request:
     """``serving_default`` (neither ``samples`` nor ``seed``) or ``mc_seeded`` on normalised HR-grid slices."""
-    x = _images(images, "images", 4)
+    x = _images(images, "images", 4, MIN_SIZE)
     inputs = {"image": x}
     if samples is None and seed is None:
         signature = "serving_default"
@@ -83,18 +88,19 @@ def hr_grid_request(images, samples: int | None = None, seed: int | Sequence[int
         raise InputError(None, "give both samples and seed, or neither (the server's default count and a fresh seed)")
     else:
         signature = "mc_seeded"
-        inputs.update(samples=check_samples(samples), seed=_seed(seed, len(x)))
+        inputs.update(samples=np.full(len(x), check_samples(samples), np.int32), seed=_seeds(seed, len(x)))
     return Request(signature, inputs, ("mean", "variance"), response_bytes=2 * x.nbytes, images=len(x))
 
 
 def scanner_request(lr_images, spacing: Sequence[float], samples: int, seed: int | Sequence[int]) -> Request:
     """``mc_scanner`` on LR slices in the scanner's units with their in-plane spacing in mm."""
-    x = _images(lr_images, "lr_images", 1)
+    x = _images(lr_images, "lr_images", 1, 1)
     sp = np.asarray(spacing, dtype=np.float64)
     if sp.shape != (2,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
         raise InputError(None, f"spacing must be two positive numbers (mm), got {spacing!r}")
-    inputs = {"lr_image": x, "spacing": sp.astype(np.float32), "samples": check_samples(samples),
-              "seed": _seed(seed, len(x))}
+    n = len(x)
+    inputs = {"lr_image": x, "spacing": np.tile(sp.astype(np.float32), (n, 1)),
+              "samples": np.full(n, check_samples(samples), np.int32), "seed": _seeds(seed, n)}
     return Request("mc_scanner", inputs, ("mean", "variance", "std"), images=len(x))
 
 

@@ -45,6 +45,7 @@ from .errors import InputError
 from .files import atomic_directory
 from .inference.predict import FACTOR_TOLERANCE
 from .models.artifact import check_prediction_meta, generator_file, load_generator, meta_path_for, read_meta
+from .models.generator import ResnetGenerator
 from .models.layers import image_seeds_tf
 from .preprocessing import IntensityStats
 from .volumes import make_output_dir
@@ -383,7 +384,8 @@ def export_saved_model(model_path: str | os.PathLike, base_dir: str | os.PathLik
         raise InputError(target, "this model version already exists; choose another --version")
     names = [n for n in SIGNATURES if n != "mc_scanner" or meta.get("lr_stats")]
     full_meta = {**meta, "default_samples": int(samples), "max_samples": MAX_SAMPLES, "max_pixels": int(max_pixels),
-                 "signatures": names, "tensorflow_version": tf.__version__}
+                 "signatures": names, "tensorflow_version": tf.__version__,
+                 "generator_config": _json_config(generator.get_config())}
     module = _ServingModule(generator, full_meta, samples, max_pixels, memory_budget_mb)
     functions = {"serving_default": module.serve, "mc_seeded": module.serve_seeded,
                  "mc_scanner": getattr(module, "serve_scanner", None), "metadata": module.serve_metadata}
@@ -393,6 +395,11 @@ def export_saved_model(model_path: str | os.PathLike, base_dir: str | os.PathLik
         (tmp / "assets.extra").mkdir()
         (tmp / "assets.extra" / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
     return target
+
+
+def _json_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The generator's Keras config as plain JSON (its constructor arguments)."""
+    return json.loads(json.dumps(config, default=str))
 
 
 def scanner_note(version_dir: str | os.PathLike) -> str | None:
@@ -453,4 +460,19 @@ def load_model(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
         raise InputError(version_dir, f"cannot load SavedModel ({str(exc).splitlines()[0][:200]})") from None
     if not hasattr(loaded, "prefix") or not hasattr(loaded, "suffix"):
         raise InputError(version_dir, "SavedModel has no prefix/suffix functions: not a microsr-tf export")
-    return SavedModelGenerator(loaded), meta
+    if "generator_config" in meta and hasattr(loaded, "generator_weights"):
+        return _rebuilt_generator(loaded, meta["generator_config"], version_dir), meta
+    return SavedModelGenerator(loaded), meta  # exports made before the config was stored
+
+
+def _rebuilt_generator(loaded, config: dict[str, Any], version_dir: Path) -> ResnetGenerator:
+    """The Keras generator with the export's weights: local prediction then runs its fused XLA kernels
+    (the exported graphs trace them as plain ops for the stock server, several times slower on CPU)."""
+    try:
+        generator = ResnetGenerator.from_config(config)
+        generator.build((None, None, None, 1))
+        generator.set_weights([v.numpy() for v in loaded.generator_weights])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InputError(version_dir, f"cannot rebuild the generator from the export ({str(exc).splitlines()[0]})"
+                         ) from None
+    return generator

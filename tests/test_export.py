@@ -192,10 +192,11 @@ def test_a_model_without_lr_statistics_is_exported_without_the_scanner_signature
     assert set(signatures) == {"serving_default", "mc_seeded", "metadata"}
 
 
-def test_load_model_gives_the_generator_interface(exported):
+def test_load_model_gives_the_generator_with_its_fast_kernels(exported):
     gen, tmp, _ = exported
     loaded_gen, meta = load_model(tmp / "export")  # base path: the highest version is used
     assert meta["hr_spacing"] == [0.1, 0.1]
+    assert isinstance(loaded_gen, ResnetGenerator) and loaded_gen.xla_kernels  # not the plain serving graphs
     x = np.random.default_rng(1).random((1, 32, 32, 1), dtype=np.float32)
     via_export = MonteCarloPredictor(loaded_gen, samples=4, seed=3).predict(x)
     via_keras = MonteCarloPredictor(gen, samples=4, seed=3).predict(x)

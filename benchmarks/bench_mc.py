@@ -2,7 +2,7 @@
 
 Run ``python benchmarks/bench_mc.py [--stretch] [--jit]``. Everything uses the paper's generator
 (ngf=64, nine residual blocks) with random weights (speed does not depend on them), once with the
-reference layer-by-layer forward ("plain", ``fused_ops=False``) and once with the fused kernels
+fused kernels traced as plain ops ("plain", ``xla_kernels=False``) and once compiled by XLA
 ("fused"), side by side in one run. Long runs are timed on fewer passes and extrapolated linearly in
 T; the table says where. Times exclude tracing (every predictor is warmed up first). The bfloat16
 rows compare ``precision="float32"`` and ``"bfloat16"`` on the same weights, alternating runs so that
@@ -21,7 +21,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from microsr_tf.inference.mc import MonteCarloPredictor, seed_rows  # noqa: E402
-from microsr_tf.inference.stitching import tile_layout, tile_redundancy  # noqa: E402
 from microsr_tf.models.generator import PRECISIONS, ResnetGenerator  # noqa: E402
 import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
@@ -69,12 +68,12 @@ def conv_reference_gflops(dtype: tf.DType = tf.float32) -> float:
 
 
 def generator_pair(position: str, size: int) -> dict[str, ResnetGenerator]:
-    """The paper's generator with the reference layer-by-layer forward ("plain") and, with the same
-    weights, the fused kernels ("fused")."""
+    """The paper's generator with uncompiled kernels ("plain") and, with the same weights, XLA-compiled
+    kernels ("fused")."""
     pair = {}
     for name in ("plain", "fused"):
         gen = ResnetGenerator(ngf=64, n_blocks=9, upsample="transpose", dropout_rate=0.5, dropout_position=position)
-        gen.fused_ops = name == "fused"
+        gen.xla_kernels = name == "fused"
         gen(tf.zeros([1, size, size, 1]), seed=tf.zeros([1, 2], tf.int32))
         pair[name] = gen
     pair["fused"].set_weights(pair["plain"].get_weights())
@@ -175,40 +174,30 @@ def stretch_whole(args, precision: str) -> tuple[float, float, float]:
     side = -(-1828 // 4) * 4
     gen = generator_pair("bottleneck", 256)["fused"]
     image = np.random.default_rng(0).random((1, side, side, 1)).astype(np.float32)
-    predictor = MonteCarloPredictor(gen, samples=2, seed=1, chunk_size=1, memory_budget_mb=args.whole_budget_mb,
+    predictor = MonteCarloPredictor(gen, samples=2, seed=1, memory_budget_mb=args.whole_budget_mb,
                                     precision=precision)
     fixed, per_sample = linear_in_t(predictor, image, 2, 4)
     return fixed + per_sample * args.samples, fixed, per_sample
 
 
 def stretch(args) -> list[tuple[str, str]]:
-    """A paper-size slice (1828 x 1828 at HR) at T=100: blend tiles vs the whole slice in one pass,
-    each extrapolated from short runs (fused ops)."""
-    shape = (1828, 1828)
-    tile, overlap, batch = 256, 0.25, args.tile_batch
-    _, _, _, origins = tile_layout(shape, "blend", tile, overlap)
-    gen = generator_pair("bottleneck", tile)["fused"]
-    tiles = np.random.default_rng(0).random((batch, tile, tile, 1)).astype(np.float32)
-    fixed, per_sample = linear_in_t(MonteCarloPredictor(gen, samples=2, seed=1), tiles, 2, args.stretch_samples)
-    per_batch = fixed + per_sample * args.samples
-    tiled = per_batch * len(origins) / batch
-    side = -(-shape[0] // 4) * 4
+    """A paper-size slice (1828 x 1828 at HR) at T=``--samples``, exact whole-slice posterior: the
+    CycleGAN decoder (instance norm: one piece) against the norm-free decoder (stripes), each extrapolated
+    from T=2 and T=4."""
+    side = -(-1828 // 4) * 4
     image = np.random.default_rng(0).random((1, side, side, 1)).astype(np.float32)
-    whole_predictor = MonteCarloPredictor(gen, samples=2, seed=1, chunk_size=1, memory_budget_mb=args.whole_budget_mb)
-    w_fixed, w_per_sample = linear_in_t(whole_predictor, image, 2, 4)
-    whole = w_fixed + w_per_sample * args.samples
-    return [
-        ("stretch: 1828x1828 blend tiles", f"{len(origins)} tiles of {tile} (overlap {overlap}, "
-                                           f"{tile_redundancy(shape, 'blend', tile, overlap):.2f}x pixels)"),
-        ("stretch: one tile batch", f"{batch} tiles, T={args.samples}: {per_batch:.1f} s "
-                                    f"(fit on T=2 and T={args.stretch_samples}, extrapolated)"),
-        ("stretch: tiled slice T=100", f"{tiled:.0f} s = {tiled / 60:.1f} min, {tiled / 120:.1f}x the paper's 2 min"),
-        ("stretch: whole slice T=100", f"{whole:.0f} s = {whole / 60:.1f} min, {whole / 120:.1f}x the paper's 2 min "
-                                       f"(one {side}x{side} image, prefix {w_fixed:.0f} s + {w_per_sample:.2f} s "
-                                       f"per sample, fit on T=2 and T=4)"),
-        ("stretch: faster route", f"{'whole slice' if whole < tiled else 'blend tiles'} "
-                                  f"({max(tiled, whole) / min(tiled, whole):.2f}x)"),
-    ]
+    rows = []
+    for decoder_norm in ("instance", "none"):
+        gen = ResnetGenerator(ngf=64, n_blocks=9, upsample="transpose", dropout_rate=0.5,
+                              dropout_position="bottleneck", decoder_norm=decoder_norm)
+        gen(tf.zeros([1, 16, 16, 1]), seed=tf.zeros([1, 2], tf.int32))
+        predictor = MonteCarloPredictor(gen, samples=2, seed=1, memory_budget_mb=args.whole_budget_mb)
+        fixed, per_sample = linear_in_t(predictor, image, 2, 4)
+        total = fixed + per_sample * args.samples
+        rows.append((f"stretch: 1828^2 T={args.samples} decoder_norm={decoder_norm}",
+                     f"{total:.0f} s = {total / 60:.1f} min (prefix {fixed:.0f} s + {per_sample:.2f} s per sample, "
+                     f"fit on T=2 and T=4, extrapolated); {load()}"))
+    return rows
 
 
 def stretch_bfloat16(args) -> list[tuple[str, str]]:
@@ -226,8 +215,6 @@ def main() -> None:
     parser.add_argument("--resblocks-samples", type=int, default=6, help="T timed for resblocks, then extrapolated")
     parser.add_argument("--jit", action="store_true", help="also time the cached engine with XLA jit_compile")
     parser.add_argument("--stretch", action="store_true", help="also time a 1828x1828 slice (extrapolated)")
-    parser.add_argument("--stretch-samples", type=int, default=6, help="T timed per tile batch in --stretch")
-    parser.add_argument("--tile-batch", type=int, default=8, help="tiles per predictor call in --stretch")
     parser.add_argument("--whole-budget-mb", type=float, default=8192,
                         help="memory budget of the whole-slice run in --stretch")
     parser.add_argument("--precision-only", action="store_true",

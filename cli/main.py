@@ -19,6 +19,9 @@ COMMANDS = {
     "train": ("train", "Train the CycleGAN on unpaired LR and HR NIfTI folders."),
     "predict": ("predict", "Super-resolve NIfTI volumes into posterior mean and variance volumes."),
     "export": ("export", "Export a trained generator as a TF-Serving SavedModel returning mean and variance."),
+    "evaluate": ("evaluate", "Score predictions against bicubic and real micro-CT: m-HuM, LR consistency, realism, "
+                             "PSNR/SSIM, uncertainty quality."),
+    "rating-study": ("rating_study", "Blinded rating study: a static page for raters; boxplots and Wilcoxon tests."),
 }
 
 

@@ -1,4 +1,4 @@
-"""``microsr-tf predict``: super-resolve NIfTI volumes into posterior mean and variance volumes."""
+"""``microsr-tf predict``: super-resolve NIfTI volumes or DICOM series into posterior mean and variance volumes."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class _Progress:
 
 
 @click.command("predict")
-@click.argument("inputs", nargs=-1, required=True, metavar="INPUT.nii[.gz]...")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--model", "model_path", default=None, metavar="PATH",
               help="Trained generator: a training run directory, a .keras file or an exported SavedModel. "
                    "Required unless --server is given.")
@@ -100,15 +100,15 @@ class _Progress:
 @click.option("--seed", type=int, default=None,
               help="Base seed of the dropout masks; the same seed gives identical files. Default: random "
                    "(the seed used is reported). In [0, 2^31 - 1].")
-@click.option("--stitch", type=click.Choice(["blend", "paper", "whole"]), default="blend", show_default=True,
-              help="Whole-slice reconstruction: blend overlapping tiles, the paper's histogram matching + "
-                   "median filter, or the whole slice in one pass.")
-@click.option("--tile", type=int, default=256, show_default=True,
-              help="Tile size in HR pixels for blend/paper stitching (a multiple of 4, >= 8).")
-@click.option("--overlap", type=float, default=0.25, show_default=True,
-              help="Fraction of a tile shared with its neighbour (blend), in [0, 0.75].")
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Tiles per forward pass.")
+@click.option("--stitch", type=click.Choice(["whole", "paper"]), default="whole", show_default=True,
+              help="whole: the exact posterior of the whole slice; paper: then the paper's per-tile histogram "
+                   "matching and median filter (the variance follows the same maps).")
+@click.option("--tile", type=int, default=None,
+              help="Height in HR pixels (a multiple of 4) of the stripes a norm-free decoder runs in. Sets "
+                   "memory and speed only: any value gives the same result.  [default: sized to the memory budget]")
+@click.option("--memory-budget", default="auto", show_default=True, metavar="auto|MB",
+              help="Working memory for the Monte Carlo passes; auto is half the memory available. A slice "
+                   "that cannot fit is refused before anything is written.")
 @click.option("--roi", "roi_text", metavar="i0:i1,j0:j1,k0:k1", default=None, help=ROI_HELP)
 @click.option("--axis", type=int, default=None,
               help="Slice axis of the input, 0, 1 or 2 (default: the model's, normally the last).")
@@ -123,10 +123,14 @@ class _Progress:
 @click.option("--normalize", type=click.Choice(["volume", "model"]), default="volume", show_default=True,
               help="LR intensity statistics: the scan's own (as the paper and training do), or the training "
                    "scans' pooled statistics stored with the model (for scans too small to describe themselves).")
+@click.option("--resample-input", is_flag=True,
+              help="Accept a scan whose in-plane spacing is not the model's LR spacing: resample it to that "
+                   "spacing first (bicubic, anti-aliased when it gets coarser), then super-resolve at the trained "
+                   "factor. Outputs are on the model's HR spacing; their NIfTI description records the resampling.")
 @click.option("--server", metavar="HOST:PORT", default=None,
               help="Run the Monte Carlo passes on a TF-Serving model server holding a microsr-tf export instead "
-                   "of --model; reading, tiling, stitching and writing stay local, so the files equal a local "
-                   "run's for the same seed. Plain text is refused for hosts outside loopback (see --tls).")
+                   "of --model; reading, resampling, normalising and writing stay local, so the files equal a "
+                   "local run's for the same seed. Plain text is refused for hosts outside loopback (see --tls).")
 @click.option("--model-name", default="microsr", show_default=True, help="Model name on the server.")
 @click.option("--model-version", type=click.IntRange(min=1), default=None,
               help="Model version on the server (default: the one it serves).")
@@ -150,14 +154,16 @@ class _Progress:
 @click.option("--max-message-mb", type=click.FloatRange(min=0, min_open=True), default=256.0, show_default=True,
               help="Largest gRPC message sent or accepted (gRPC's own default is 4 MB).")
 @user_errors
-def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, batch_size, roi_text, axis,
-            write_std, percentiles_text, preview, precision, normalize, server, model_name, model_version, protocol,
-            tls, tls_ca, tls_cert, tls_key, token_file, insecure, timeout_s, retries, max_message_mb) -> None:
+def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_budget, roi_text, axis,
+            write_std, percentiles_text, preview, precision, normalize, resample_input, server, model_name,
+            model_version, protocol, tls, tls_ca, tls_cert, tls_key, token_file, insecure, timeout_s, retries,
+            max_message_mb) -> None:
     """Super-resolve INPUT volumes into posterior mean and variance NIfTI volumes (paper eq. 4).
 
-    Each input is read slice by slice, upsampled to the model's HR spacing, normalised, predicted T
-    times with Monte Carlo dropout and written as NAME_mean.nii.gz (HR intensity units) and
-    NAME_var.nii.gz (their square) with the matching affine.
+    An INPUT is a NIfTI volume (.nii, .nii.gz) or a folder holding one DICOM series. Each input is
+    read slice by slice, upsampled to the model's HR spacing, normalised, predicted T times with
+    Monte Carlo dropout and written as NAME_mean.nii.gz (HR intensity units) and NAME_var.nii.gz
+    (their square) with the matching affine.
     """
     roi = parse_roi(roi_text)
     percentiles = parse_percentiles(percentiles_text)
@@ -165,8 +171,11 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
     from microsr_tf.inference.predict import check_options, plan_volume, predict_volume, stale_temp_files
     from microsr_tf.export import load_model
 
-    check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size,
-                  percentiles=percentiles, precision=precision, normalize=normalize)
+    check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, percentiles=percentiles,
+                  precision=precision, normalize=normalize)
+    from microsr_tf.inference.mc import resolve_memory_budget
+
+    memory_budget = resolve_memory_budget(memory_budget)
     engine = None
     if server is None:
         if model_path is None:
@@ -185,8 +194,9 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
                                cert_file=tls_cert, key_file=tls_key, token=_read_token(token_file),
                                insecure=insecure, timeout=timeout_s, retries=retries, max_message_mb=max_message_mb)
         generator, meta = None, served_meta(client)
-        engine = remote_engine(client, samples, stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size)
-    plans = [plan_volume(path, meta, roi=roi, axis=axis) for path in inputs]  # refuse bad inputs up front
+        engine = remote_engine(client, samples, stitch=stitch)
+    plans = [plan_volume(path, meta, roi=roi, axis=axis, resample_input=resample_input)
+             for path in inputs]  # refuse bad inputs up front
     seen: dict[str, str] = {}
     for plan in plans:
         if plan.name in seen:
@@ -201,9 +211,10 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, overlap, b
         progress = _Progress(plan.name)
         try:
             result = predict_volume(plan.input_path, generator, meta, out_dir, samples=samples, seed=seed,
-                                    stitch=stitch, tile=tile, overlap=overlap, batch_size=batch_size, roi=roi,
+                                    stitch=stitch, tile=tile, memory_budget=memory_budget, roi=roi,
                                     axis=axis, write_std=write_std, percentiles=percentiles, preview=preview,
-                                    progress=progress, precision=precision, normalize=normalize, engine=engine)
+                                    progress=progress, precision=precision, normalize=normalize,
+                                    resample_input=resample_input, engine=engine)
         finally:
             progress.close()
         for path in result.outputs.values():

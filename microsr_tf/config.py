@@ -19,6 +19,7 @@ from .files import atomic_write_text
 
 DROPOUT_POSITIONS = ("bottleneck", "resblocks", "none")
 UPSAMPLE_KINDS = ("transpose", "resize")
+DECODER_NORMS = ("instance", "none")
 GAN_LOSSES = ("bce", "lsgan")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -63,6 +64,7 @@ class ModelConfig:
     upsample: str = "transpose"  # "transpose" (paper) or "resize" (nearest + conv, no checkerboard)
     dropout_rate: float = 0.5
     dropout_position: str = "bottleneck"  # "bottleneck", "resblocks" or "none"
+    decoder_norm: str = "instance"  # "instance" (CycleGAN) or "none": a local decoder, exact in stripes
     ndf: int = 64  # critic base filters
     n_layers_d: int = 3  # stride-2 layers in the PatchGAN critic (3 -> 70x70 receptive field)
 
@@ -78,6 +80,8 @@ class ModelConfig:
                 f"model.dropout_position must be one of {DROPOUT_POSITIONS}, got {self.dropout_position!r}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ConfigError(f"model.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.decoder_norm not in DECODER_NORMS:
+            raise ConfigError(f"model.decoder_norm must be one of {DECODER_NORMS}, got {self.decoder_norm!r}")
         if self.n_layers_d < 1:
             raise ConfigError(f"model.n_layers_d must be >= 1, got {self.n_layers_d}")
 

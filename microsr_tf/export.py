@@ -45,8 +45,8 @@ from .errors import InputError
 from .files import atomic_directory
 from .inference.predict import FACTOR_TOLERANCE
 from .models.artifact import check_prediction_meta, generator_file, load_generator, meta_path_for, read_meta
+from .models.dropout import image_seeds_tf
 from .models.generator import ResnetGenerator
-from .models.layers import image_seeds_tf
 from .preprocessing import IntensityStats
 from .volumes import make_output_dir
 

@@ -11,10 +11,13 @@ The same anatomy is rendered twice, never by resampling one array into the other
 * HR ("micro-CT"): sampled at the fine voxel centres with one-voxel antialiased edges, a slight focal-spot
   blur, faint ring artefacts and low noise; unsigned 16-bit grey values (no scaling).
 * LR ("cone-beam CT"): 8x coarser *in-plane only* (the slice spacing equals the HR one, so the paired test
-  subject lines up slice for slice with its HR twin after in-plane super-resolution). It is rendered on a
-  supersampled grid, blurred by an isotropic CBCT point spread function wider than a voxel, averaged into
-  voxels, then given filtered-back-projection noise, beam-hardening streaks, cupping and an HU-like
-  calibration with per-subject gain/offset; stored as int16 Hounsfield-like units.
+  subject lines up slice for slice with its HR twin after in-plane super-resolution). A named scanner
+  profile (:data:`PROFILES`) sets the forward model's ranges, drawn per subject: the anatomy is sampled on
+  a supersampled grid, blurred by the profile's point spread function (a Gaussian core, optionally with a
+  wide scatter/glare halo, and its own width along the slices), averaged into voxels, then given
+  beam-hardening streaks and noise by filtered back-projection of sinogram errors, cupping, ring
+  artefacts and an HU-like calibration (gain/offset); stored as int16 Hounsfield-like units. Some
+  profiles are kept out of training sets (``held_out``): a scanner the model never saw.
 
 Both grids share one field of view and world frame (voxel-centred affines, sform/qform code 1), so the HR
 grid is exactly the LR grid resampled 8x in-plane, half-voxel aligned.
@@ -27,9 +30,10 @@ import functools
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 from nibabel.nifti1 import Nifti1Header
@@ -53,6 +57,137 @@ HR_DTYPE = np.uint16
 LR_DTYPE = np.int16
 
 
+Range = tuple[float, float]  # (low, high), drawn uniformly per subject; low == high fixes the value
+
+FBP_FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")  # skimage's iradon filters
+
+
+@dataclass(frozen=True)
+class ScannerProfile:
+    """A cone-beam CT scanner model: the ranges its forward model draws from, once per subject and scan.
+
+    Widths are in LR in-plane voxels, so one profile means the same relative blur at every phantom size.
+    The rendered LR volume is ``HU = gain * 1000 * (mu + streaks - 1) + offset - cupping + rings + noise``
+    with ``mu`` the attenuation (water = 1) after the point spread function and voxel averaging.
+    """
+
+    name: str
+    description: str
+    held_out: bool = False  # kept out of training sets by default: a scanner the model never saw
+    psf_fwhm: Range = (1.45, 1.75)  # Gaussian core of the in-plane PSF, FWHM in LR voxels
+    slice_fwhm: Range = (1.45, 1.75)  # PSF along the slice axis (slice thickness), FWHM in LR in-plane voxels
+    halo_fraction: Range = (0.0, 0.0)  # share of the signal spread into a wide in-plane halo (scatter, glare)
+    halo_fwhm: Range = (0.0, 0.0)  # FWHM of that halo, LR voxels
+    noise_hu: Range = (36.0, 54.0)  # noise standard deviation in a uniform region, HU
+    noise_filter: str = "hann"  # FBP reconstruction filter that shapes the noise texture (FBP_FILTERS)
+    views: int = 90  # projections over 180 degrees: angular spacing of streaks and noise texture
+    beam_hardening: Range = (0.009, 0.015)  # beta: a path of p mm of bone excess loses beta * p**2 / voxel
+    cupping_hu: Range = (0.0, 60.0)  # the centre reads this much lower than the field-of-view edge
+    gain: Range = (0.85, 1.10)  # HU per 1000 x (attenuation - water)
+    offset_hu: Range = (-80.0, 80.0)  # water reads this many HU
+    ring_hu: Range = (0.0, 0.0)  # peak amplitude of each detector ring artefact, HU
+
+    RANGES: ClassVar[tuple[str, ...]] = ("psf_fwhm", "slice_fwhm", "halo_fraction", "halo_fwhm", "noise_hu",
+                                         "beam_hardening", "cupping_hu", "gain", "offset_hu", "ring_hu")
+
+    @property
+    def psf_shape(self) -> str:
+        """``gaussian``, or ``gaussian+halo`` when part of the signal goes into a wide halo."""
+        return "gaussian+halo" if self.halo_fraction[1] > 0 else "gaussian"
+
+    def validate(self) -> "ScannerProfile":
+        def bad(problem: str) -> ConfigError:
+            return ConfigError(f"scanner profile {self.name!r}: {problem}")
+
+        for key in self.RANGES:
+            lo, hi = getattr(self, key)
+            if not lo <= hi:
+                raise bad(f"{key} range {lo}..{hi} is empty")
+        if self.psf_fwhm[0] <= 0 or self.slice_fwhm[0] <= 0:
+            raise bad("psf_fwhm and slice_fwhm must be > 0")
+        if not (0 <= self.halo_fraction[0] and self.halo_fraction[1] < 1):
+            raise bad("halo_fraction must lie in [0, 1)")
+        if self.halo_fraction[1] > 0 and self.halo_fwhm[0] <= self.psf_fwhm[1]:
+            raise bad("halo_fwhm must be wider than the PSF core")
+        if min(self.noise_hu[0], self.beam_hardening[0], self.cupping_hu[0], self.ring_hu[0]) < 0 or self.gain[0] <= 0:
+            raise bad("noise, beam hardening, cupping and rings must be >= 0 and gain > 0")
+        if self.noise_filter not in FBP_FILTERS:
+            raise bad(f"noise_filter must be one of {', '.join(FBP_FILTERS)}")
+        if self.views < 8:
+            raise bad("views must be >= 8")
+        return self
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        """One scan's parameters: every range drawn uniformly (rounded to 6 decimals), plus the fixed ones."""
+        params: dict = {"profile": self.name, "psf_shape": self.psf_shape, "noise_filter": self.noise_filter,
+                        "views": self.views}
+        for key in self.RANGES:
+            lo, hi = getattr(self, key)
+            params[key] = round(float(rng.uniform(lo, hi)), 6)
+        return params
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (ranges as lists) and the PSF shape."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        out["psf_shape"] = self.psf_shape
+        return out
+
+
+PROFILES: dict[str, ScannerProfile] = {p.name: p.validate() for p in (
+    ScannerProfile(
+        "cbct-standard", "flat-panel CBCT, standard dose: Gaussian PSF about 1.6 voxels, smooth (Hann) noise"),
+    ScannerProfile(
+        "cbct-lowdose", "sharp low-dose protocol: narrow PSF, strong fine-grained (Shepp-Logan) noise, "
+        "few views", psf_fwhm=(1.1, 1.4), slice_fwhm=(1.4, 1.8), noise_hu=(70.0, 110.0),
+        noise_filter="shepp-logan", views=60, beam_hardening=(0.010, 0.020), cupping_hu=(20.0, 80.0),
+        gain=(0.92, 1.08), offset_hu=(-60.0, 60.0)),
+    ScannerProfile(
+        "cbct-smooth", "soft reconstruction kernel: wide PSF, thick slices, low blotchy (Hamming) noise",
+        psf_fwhm=(1.8, 2.3), slice_fwhm=(2.0, 3.0), noise_hu=(18.0, 32.0), noise_filter="hamming", views=120,
+        beam_hardening=(0.005, 0.012), cupping_hu=(0.0, 40.0), gain=(0.85, 1.05), offset_hu=(-100.0, 40.0)),
+    ScannerProfile(
+        "cbct-scatter", "held out: another vendor's scanner with detector glare (a wide PSF halo), thin "
+        "slices, grainy unwindowed (ramp) noise, strong beam hardening and cupping, ring artefacts and an "
+        "HU calibration outside the training range", held_out=True,
+        psf_fwhm=(1.3, 1.7), slice_fwhm=(1.0, 1.3), halo_fraction=(0.12, 0.2), halo_fwhm=(6.0, 10.0),
+        noise_hu=(45.0, 65.0), noise_filter="ramp", views=72, beam_hardening=(0.025, 0.035),
+        cupping_hu=(100.0, 180.0), gain=(1.15, 1.3), offset_hu=(100.0, 200.0), ring_hu=(15.0, 30.0)),
+)}
+TRAIN_PROFILES = tuple(name for name, p in PROFILES.items() if not p.held_out)
+HELD_OUT_PROFILES = tuple(name for name, p in PROFILES.items() if p.held_out)
+
+
+def get_profile(name: str | ScannerProfile) -> ScannerProfile:
+    """Resolve a profile name, or pass a custom profile through, validated."""
+    if isinstance(name, ScannerProfile):
+        return name.validate()
+    if name not in PROFILES:
+        raise ConfigError(f"unknown scanner profile {name!r} (known: {', '.join(PROFILES)})")
+    return PROFILES[name]
+
+
+def parse_profiles(text: str | Iterable[str | ScannerProfile], option: str = "profiles") -> tuple[ScannerProfile, ...]:
+    """Profiles from ``train`` (the training profiles), ``held-out``, ``all``, ``none`` or comma-separated names."""
+    if isinstance(text, str):
+        keywords = {"train": TRAIN_PROFILES, "held-out": HELD_OUT_PROFILES, "all": tuple(PROFILES), "none": ()}
+        names = keywords.get(text.strip(), [n.strip() for n in text.split(",")])
+        if any(not n for n in names):
+            raise ConfigError(f"{option}: empty profile name in {text!r}")
+        items = list(names)
+    else:
+        items = list(text)
+    out: list[ScannerProfile] = []
+    for item in items:
+        try:
+            profile = get_profile(item)
+        except ConfigError as exc:
+            raise ConfigError(f"{option}: {exc}") from None
+        if profile.name in (p.name for p in out):
+            raise ConfigError(f"{option}: profile {profile.name!r} given twice")
+        out.append(profile)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class PhantomSpec:
     """Grids and imaging parameters of one phantom size (spacings in mm, shapes in voxels, x-y-z order)."""
@@ -63,10 +198,9 @@ class PhantomSpec:
     lr_shape: tuple[int, int, int]
     lr_spacing: tuple[float, float, float]
     anatomy_scale: float = 0.6  # size of the anatomy relative to an adult temporal bone
+    slab_shift: float = 0.15  # the anatomy moves up or down by up to this many mm: which slab the slices cut
     supersample: int = 4  # LR sub-samples per voxel side, in-plane
-    lr_psf_fwhm: float = 1.6  # CBCT point spread function, FWHM in LR in-plane voxels (isotropic in mm)
-    lr_noise_hu: float = 45.0  # CBCT noise standard deviation
-    lr_views: int = 90  # projections used to simulate streaks and noise texture
+    lr_profiles: tuple[str, ...] = ("cbct-standard",)  # scanner profiles of the training LR set, in turn
     hr_noise: float = 0.012  # micro-CT noise standard deviation, attenuation units
 
     @property
@@ -88,8 +222,12 @@ class PhantomSpec:
             raise ConfigError(f"phantom size {self.name!r}: LR field of view {lr_fov} differs from HR {list(self.fov)}")
         if self.lr_shape[2] != self.hr_shape[2]:
             raise ConfigError(f"phantom size {self.name!r}: LR and HR must have the same number of slices")
-        if self.supersample < 1 or self.lr_views < 8:
-            raise ConfigError(f"phantom size {self.name!r}: supersample must be >= 1 and lr_views >= 8")
+        if self.supersample < 1 or self.anatomy_scale <= 0 or self.slab_shift < 0:
+            raise ConfigError(f"phantom size {self.name!r}: supersample must be >= 1, anatomy_scale > 0 and "
+                              "slab_shift >= 0")
+        parse_profiles(self.lr_profiles, f"phantom size {self.name!r} lr_profiles")
+        if not self.lr_profiles:
+            raise ConfigError(f"phantom size {self.name!r}: lr_profiles is empty")
         return self
 
     def to_dict(self) -> dict:
@@ -99,15 +237,22 @@ class PhantomSpec:
 
 SIZES: dict[str, PhantomSpec] = {
     # Trains on two CPU cores: 192 px at 0.06 mm (11.5 mm field of view), LR 24 px at 0.48 mm, 48 slices.
+    # The anatomy is shrunk to 0.6 of an adult's to fit: at LR the cochlea spans only 8-11 voxels.
     "small": PhantomSpec("small", (192, 192, 48), (0.06, 0.06, 0.06), (24, 24, 48), (0.48, 0.48, 0.06)),
+    # Adult anatomy at the same voxel sizes on a 23 mm field of view (LR 48 px): the LR scan shows the
+    # cochlea (14-18 voxels) and vestibule, the ossicle heads and, faintly, the canals. Training LR
+    # subjects take the training scanner profiles in turn; the slab of 64 slices (3.8 mm) sits at another
+    # level in each subject (+-1 mm), so the set shows cochlea, vestibule, canals and ossicles.
+    "adult": PhantomSpec("adult", (384, 384, 64), (0.06, 0.06, 0.06), (48, 48, 64), (0.48, 0.48, 0.06),
+                         anatomy_scale=1.0, slab_shift=1.0, lr_profiles=TRAIN_PROFILES),
     # The paper's voxel sizes (micro-CT 0.018 mm, CBCT 0.15 mm: factor 8.33) on a cropped 10.8 mm field.
     "paper": PhantomSpec("paper", (600, 600, 48), (0.018, 0.018, 0.018), (72, 72, 48), (0.15, 0.15, 0.018),
-                         lr_noise_hu=70.0, hr_noise=0.015),
+                         hr_noise=0.015),
 }
 
 
 def get_spec(size: str | PhantomSpec) -> PhantomSpec:
-    """Resolve a size name (``small``, ``paper``) or pass a custom spec through, validated."""
+    """Resolve a size name (``small``, ``adult``, ``paper``) or pass a custom spec through, validated."""
     if isinstance(size, PhantomSpec):
         return size.validate()
     if size not in SIZES:
@@ -339,12 +484,14 @@ def _jitter_dir(rng: np.random.Generator, v, max_deg: float) -> np.ndarray:
 
 
 def generate_subject(rng: np.random.Generator, size: str | PhantomSpec = "small") -> dict:
-    """Draw one subject's continuous anatomy (world-frame shapes in mm) and its scanner calibrations.
+    """Draw one subject's continuous anatomy (world-frame shapes in mm) and its micro-CT calibration.
 
     Anatomy is laid out in a local frame (x lateral, y anterior, z superior, adult millimetres), scaled by
     ``spec.anatomy_scale`` with +-8 % jitter, mirrored for left ears, rotated (+-25 deg in-plane, +-8 deg
-    tilt) and shifted a little, so every subject differs in size, orientation, cochlear turns (2.25-2.75),
-    canal calibres, ossicles and air-cell placement.
+    tilt), shifted a little in-plane and by up to ``spec.slab_shift`` mm along z (which level the slab of
+    slices cuts), so every subject differs in size, orientation, cochlear turns (2.25-2.75), canal
+    calibres, ossicles and air-cell placement. Its cone-beam scans draw their own parameters from a
+    :class:`ScannerProfile`.
     """
     spec = get_spec(size)
     u = rng.uniform
@@ -354,7 +501,8 @@ def generate_subject(rng: np.random.Generator, size: str | PhantomSpec = "small"
     rot = _rotation([0, 0, 1], math.radians(u(-25, 25))) @ _rotation(
         [math.cos(a := u(0, 2 * math.pi)), math.sin(a), 0], math.radians(u(-8, 8)))
     lin = rot @ mirror * s
-    shift = np.array([u(-0.4, 0.4), u(-0.4, 0.4), u(-0.15, 0.15)]) - lin @ np.array([1.0, -0.4, 0.0])
+    offset = [u(-0.4, 0.4), u(-0.4, 0.4), u(-spec.slab_shift, spec.slab_shift)]  # the slab's level last
+    shift = np.array(offset) - lin @ np.array([1.0, -0.4, 0.0])
 
     def pt(p):  # local adult-mm point -> world mm
         return shift + lin @ np.asarray(p, float)
@@ -463,9 +611,8 @@ def generate_subject(rng: np.random.Generator, size: str | PhantomSpec = "small"
         "capsule_thickness": 0.45 * s,
         "texture_seed": int(rng.integers(2**31)),
         "noise_seed": int(rng.integers(2**31)),
-        # micro-CT: grey = offset + gain * attenuation; CBCT: HU = gain * 1000 (mu - 1) + offset - cupping
+        # micro-CT: grey = offset + gain * attenuation (a CBCT scan's calibration comes with its profile)
         "hr_calibration": {"offset": 1500.0 * u(0.95, 1.05), "gain": 12000.0 * u(0.97, 1.03)},
-        "lr_calibration": {"gain": u(0.85, 1.1), "offset": u(-80, 80), "cupping": u(0, 60)},
     }
 
 
@@ -625,57 +772,124 @@ def render_hr(subject: dict, spec: str | PhantomSpec, rng: np.random.Generator |
     return np.clip(grey, info.min, info.max).astype(np.float32)
 
 
-def _fbp_artefacts(mu: np.ndarray, spacing: float, views: int, rng: np.random.Generator, beta: float):
-    """Per-slice streaks (beam hardening) and noise texture by filtered back-projection of sinogram errors.
+FWHM_PER_SIGMA = 2 * math.sqrt(2 * math.log(2))
 
-    Returns (streaks, noise) in attenuation units; noise has unit standard deviation over the volume.
+
+def _fbp_artefacts(dense: np.ndarray, spacing: float, views: int, rng: np.random.Generator, beta: float,
+                   noise_filter: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice beam-hardening streaks and noise texture by filtered back-projection of sinogram errors.
+
+    ``dense`` is the attenuation above water (bone excess) per LR voxel. A ray through ``p`` mm of it
+    loses ``beta * p**2 / spacing``, back-projected with the Hann filter (dark streaks between dense
+    parts, cupping inside them); white sinogram noise back-projected with ``noise_filter`` gives the
+    noise texture. Returns (streaks, noise) in attenuation units; noise has unit standard deviation over
+    the volume.
     """
     theta = np.linspace(0.0, 180.0, views, endpoint=False)
-    n = mu.shape[0]
-    streaks = np.empty(mu.shape, np.float32)
-    noise = np.empty(mu.shape, np.float32)
-    for k in range(mu.shape[2]):
-        dense = np.clip(mu[:, :, k] - SOFT, 0.0, None)
-        path = radon(dense, theta, circle=False) * spacing  # line integrals, mm
-        streaks[:, :, k] = iradon(-beta * path**2 / spacing, theta, output_size=n, circle=False, filter_name="hann")
-        noise[:, :, k] = iradon(rng.standard_normal(path.shape), theta, output_size=n, circle=False,
-                                filter_name="hann")
+    nx, ny, nz = dense.shape
+    n = max(nx, ny)  # iradon works on square slices: pad, then crop back
+    x0, y0 = (n - nx) // 2, (n - ny) // 2
+    streaks = np.empty(dense.shape, np.float32)
+    noise = np.empty(dense.shape, np.float32)
+    square = np.zeros((n, n))
+    for k in range(nz):
+        square[x0:x0 + nx, y0:y0 + ny] = dense[:, :, k]
+        path = radon(square, theta, circle=False) * spacing  # line integrals, mm
+        if beta > 0:
+            bh = iradon(-beta * path**2 / spacing, theta, output_size=n, circle=False, filter_name="hann")
+            streaks[:, :, k] = bh[x0:x0 + nx, y0:y0 + ny]
+        else:
+            streaks[:, :, k] = 0.0
+        fbp = iradon(rng.standard_normal(path.shape), theta, output_size=n, circle=False, filter_name=noise_filter)
+        noise[:, :, k] = fbp[x0:x0 + nx, y0:y0 + ny]
     noise /= max(float(noise.std()), 1e-12)
     return streaks, noise
 
 
-def render_lr(subject: dict, spec: str | PhantomSpec, rng: np.random.Generator) -> np.ndarray:
-    """Cone-beam-CT-like volume in HU (float32, integral, fits int16) on the LR grid of ``spec``.
+def lr_render_grid(spec: str | PhantomSpec, scanner: dict) -> tuple[_Grid, int]:
+    """The supersampled grid on which :func:`cbct_forward` expects the attenuation, and its z padding.
 
-    The anatomy is sampled ``supersample`` times finer in-plane, blurred by an isotropic Gaussian PSF of
-    ``lr_psf_fwhm`` LR voxels, averaged into voxels, then given streaks, FBP noise, cupping and the
-    subject's HU calibration.
+    ``supersample`` samples per LR voxel side in-plane; along the slices the LR spacing, padded on both
+    ends by three standard deviations of the scan's slice PSF so the blur sees anatomy beyond the slab.
     """
     spec = get_spec(spec)
     (nx, ny, nz), (dx, dy, dz) = spec.lr_shape, spec.lr_spacing
     ss = spec.supersample
-    sigma = spec.lr_psf_fwhm * dx / (2 * math.sqrt(2 * math.log(2)))  # mm, isotropic
-    pad = int(math.ceil(3 * sigma / dz))
+    sigma_z = scanner["slice_fwhm"] * dx / FWHM_PER_SIGMA  # mm
+    pad = int(math.ceil(3 * sigma_z / dz))
     z = (np.arange(-pad, nz + pad) + 0.5) * dz - nz * dz / 2
-    grid = _Grid(_centres(nx * ss, dx / ss), _centres(ny * ss, dy / ss), z, h=max(dx / ss, dy / ss, dz))
-    mu = ndimage.gaussian_filter(_density(subject, spec, grid), (sigma * ss / dx, sigma * ss / dy, sigma / dz),
-                                 mode="nearest")
-    mu = mu.reshape(nx, ss, ny, ss, -1).mean(axis=(1, 3))[:, :, pad:pad + nz]
-    streaks, noise = _fbp_artefacts(mu, dx, spec.lr_views, rng, beta=0.012)
-    cal = subject["lr_calibration"]
-    r2 = (_centres(nx, dx)[:, None] ** 2 + _centres(ny, dy)[None, :] ** 2) / (spec.fov[0] / 2) ** 2
-    cupping = cal["cupping"] * (1.0 - np.clip(r2, 0, 1))[:, :, None]
-    hu = cal["gain"] * 1000.0 * (mu + streaks - 1.0) + cal["offset"] - cupping
-    hu += spec.lr_noise_hu * rng.uniform(0.8, 1.2) * noise
+    return _Grid(_centres(nx * ss, dx / ss), _centres(ny * ss, dy / ss), z, h=max(dx / ss, dy / ss, dz)), pad
+
+
+def cbct_forward(mu: np.ndarray, spec: str | PhantomSpec, scanner: dict, rng: np.random.Generator) -> np.ndarray:
+    """Cone-beam CT of an attenuation volume sampled on :func:`lr_render_grid`: HU on the LR grid.
+
+    The point spread function is a Gaussian core of ``psf_fwhm`` LR voxels in-plane and ``slice_fwhm``
+    along the slices, of which a share ``halo_fraction`` is spread in-plane over a Gaussian halo of
+    ``halo_fwhm`` voxels (scatter, detector glare); the blurred attenuation is averaged into LR voxels,
+    then beam-hardening streaks, cupping (a radial bowl: the centre ``cupping_hu`` below the edge of the
+    field of view), concentric detector rings of ``ring_hu`` peak amplitude, the calibration
+    ``gain * 1000 * (mu - 1) + offset_hu`` and FBP noise of ``noise_hu`` standard deviation are applied.
+    Returns float32 integral values that fit int16.
+    """
+    spec = get_spec(spec)
+    (nx, ny, nz), (dx, dy, dz) = spec.lr_shape, spec.lr_spacing
+    ss = spec.supersample
+    grid, pad = lr_render_grid(spec, scanner)
+    if mu.shape != (len(grid.x), len(grid.y), len(grid.z)):
+        raise ValueError(f"attenuation of shape {mu.shape} is not on the LR render grid "
+                         f"{(len(grid.x), len(grid.y), len(grid.z))}")
+    sigma_z = scanner["slice_fwhm"] * dx / FWHM_PER_SIGMA / dz  # in slices
+    core = scanner["psf_fwhm"] * ss / FWHM_PER_SIGMA  # in supersampled pixels
+    blurred = ndimage.gaussian_filter(mu, (core, core, sigma_z), mode="nearest")
+    if scanner["halo_fraction"] > 0:
+        wide = scanner["halo_fwhm"] * ss / FWHM_PER_SIGMA
+        halo = ndimage.gaussian_filter(mu, (wide, wide, sigma_z), mode="nearest")
+        blurred = (1 - scanner["halo_fraction"]) * blurred + scanner["halo_fraction"] * halo
+    att = blurred.reshape(nx, ss, ny, ss, -1).mean(axis=(1, 3))[:, :, pad:pad + nz]
+    streaks, noise = _fbp_artefacts(np.clip(att - SOFT, 0.0, None), dx, scanner["views"], rng,
+                                    scanner["beam_hardening"], scanner["noise_filter"])
+    xc, yc = _centres(nx, dx)[:, None], _centres(ny, dy)[None, :]
+    r2 = (xc**2 + yc**2) / (spec.fov[0] / 2) ** 2
+    cupping = scanner["cupping_hu"] * (1.0 - np.clip(r2, 0, 1))
+    hu = scanner["gain"] * 1000.0 * (att + streaks - 1.0) + scanner["offset_hu"] - cupping[:, :, None]
+    if scanner["ring_hu"] > 0:  # detector gain errors: rings around the rotation axis, constant along it
+        r = np.sqrt(xc**2 + yc**2) / dx  # LR voxels
+        radii = (np.arange(int(r.max() // 3)) + rng.uniform(0.25, 0.75)) * 3.0
+        rings = np.zeros_like(r)
+        for rc in radii:
+            rings += rng.choice([-1.0, 1.0]) * np.exp(-0.5 * ((r - rc) / 0.5) ** 2)
+        hu += scanner["ring_hu"] * rings[:, :, None]
+    hu += scanner["noise_hu"] * noise
     info = np.iinfo(LR_DTYPE)
     return np.clip(np.rint(hu), info.min, info.max).astype(np.float32)
+
+
+def render_lr(subject: dict, spec: str | PhantomSpec, rng: np.random.Generator,
+              scanner: dict | None = None) -> np.ndarray:
+    """Cone-beam-CT-like volume in HU (float32, integral, fits int16) on the LR grid of ``spec``.
+
+    ``scanner`` is one scan's parameters (:meth:`ScannerProfile.draw`); by default they are drawn from
+    the size's first training profile with ``rng``, which then also draws the noise.
+    """
+    spec = get_spec(spec)
+    if scanner is None:
+        scanner = get_profile(spec.lr_profiles[0]).draw(rng)
+    grid, _ = lr_render_grid(spec, scanner)
+    return cbct_forward(_density(subject, spec, grid), spec, scanner, rng)
 
 
 # --------------------------------------------------------------------------------------------------
 # Writing a data set
 
 ROLE_DIRS = {"train_lr": "lr", "train_hr": "hr", "test_lr": "test/lr", "test_hr": "test/hr"}
+PROFILE_ROLE = "test_lr_profile"  # the test subject scanned by one named profile, in test/lr-<profile>/
 MANIFEST = "manifest.json"
+
+
+def profile_dir(profile: str) -> str:
+    """Folder (relative to the data set) of the test subject scanned by ``profile``."""
+    return f"test/lr-{profile}"
 
 
 def _header() -> Nifti1Header:
@@ -698,56 +912,102 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def _stream(name: str) -> int:
+    """A stable integer per profile name, so each scan's random stream does not depend on the registry."""
+    return zlib.crc32(name.encode())
+
+
+def scan_rngs(seed: int, index: int, profile: str) -> tuple[np.random.Generator, np.random.Generator]:
+    """(parameter draw, noise) generators of subject ``index`` scanned by ``profile``."""
+    return (np.random.default_rng([seed, index, 3, _stream(profile)]),
+            np.random.default_rng([seed, index, 1, _stream(profile)]))
+
+
 def write_phantoms(out_dir: str | os.PathLike, subjects: int, seed: int, size: str | PhantomSpec = "small",
-                   overwrite: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+                   overwrite: bool = False, progress: Callable[[str], None] | None = None,
+                   lr_profiles: str | Iterable[str | ScannerProfile] | None = None,
+                   test_profiles: str | Iterable[str | ScannerProfile] | None = None) -> dict:
     """Write an unpaired training set and a paired test subject; return (and save) the manifest.
 
     Subjects ``0..N-1`` are rendered only as LR (``OUT_DIR/lr``), subjects ``N..2N-1`` only as HR
-    (``OUT_DIR/hr``), and subject ``2N`` at both resolutions (``OUT_DIR/test/{lr,hr}``). Everything
-    depends only on ``seed``, ``subjects`` and ``size``. Each file is written atomically; with
-    ``overwrite``, phantom files of an earlier run that are not part of this one are removed.
+    (``OUT_DIR/hr``), and subject ``2N`` at both resolutions (``OUT_DIR/test/{lr,hr}``). LR subject ``k``
+    is scanned by ``lr_profiles[k % len(lr_profiles)]`` (default: the size's training profiles), with
+    parameters drawn from that profile's ranges; ``test/lr`` holds the test subject's own LR scan by
+    the same rule. The test subject is also scanned by each of ``test_profiles`` (``all``, ``held-out``,
+    names; none by default) into ``test/lr-<profile>/`` under the same file name, each aligned
+    voxel for voxel with ``test/hr`` after 8x in-plane super-resolution. Everything depends only on
+    ``seed``, ``subjects``, ``size`` and the profiles; a scan by one profile is the same wherever it is
+    written. Each file is written atomically; with ``overwrite``, phantom files of an earlier run that
+    are not part of this one are removed.
     """
     spec = get_spec(size)
     if subjects < 1:
         raise ConfigError(f"subjects must be >= 1, got {subjects}")
     if seed < 0:
         raise ConfigError(f"seed must be >= 0, got {seed}")
+    train = parse_profiles(spec.lr_profiles if lr_profiles is None else lr_profiles, "--lr-profiles")
+    if not train:
+        raise ConfigError("--lr-profiles: at least one profile is needed for the training LR set")
+    tests = parse_profiles("none" if test_profiles is None else test_profiles, "--test-profiles")
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
     make_output_dir(out)
-    for sub in ROLE_DIRS.values():
+    for sub in [*ROLE_DIRS.values(), *(profile_dir(p.name) for p in tests)]:
         (out / sub).mkdir(parents=True, exist_ok=True)
     say = progress or (lambda message: None)
+    test_index = 2 * subjects
     plan = [(i, ("train_lr",)) for i in range(subjects)] + [(subjects + i, ("train_hr",)) for i in range(subjects)]
-    plan.append((2 * subjects, ("test_lr", "test_hr")))
+    plan.append((test_index, ("test_lr", "test_hr", *(PROFILE_ROLE,) * len(tests))))
+    train_names = [p.name for p in train]
     header = _header()
     files = []
+    total = sum(len(roles) for _, roles in plan)
     for index, roles in plan:
         subject_id = f"sub-{index:03d}"
         subject = generate_subject(np.random.default_rng([seed, index]), spec)
+        scans: dict[str, tuple[dict, np.ndarray]] = {}  # one render per profile and subject
+        extra = iter(tests)
         for role in roles:
-            is_lr = role.endswith("_lr")
+            is_lr = role != "train_hr" and role != "test_hr"
             modality = "cbct" if is_lr else "microct"
-            rel = f"{ROLE_DIRS[role]}/{subject_id}_{modality}.nii.gz"
-            say(f"[{len(files) + 1}/{2 * subjects + 2}] {rel}")
             if is_lr:
-                data = render_lr(subject, spec, np.random.default_rng([seed, index, 1]))
+                profile = train[index % len(train)] if role != PROFILE_ROLE else next(extra)
+                folder = profile_dir(profile.name) if role == PROFILE_ROLE else ROLE_DIRS[role]
+            else:
+                folder = ROLE_DIRS[role]
+            rel = f"{folder}/{subject_id}_{modality}.nii.gz"
+            say(f"[{len(files) + 1}/{total}] {rel}")
+            entry = {"path": rel, "role": role, "subject": subject_id, "modality": modality}
+            if is_lr:
+                if profile.name not in scans:
+                    draw_rng, noise_rng = scan_rngs(seed, index, profile.name)
+                    scanner = profile.draw(draw_rng)
+                    scans[profile.name] = scanner, render_lr(subject, spec, noise_rng, scanner)
+                scanner, data = scans[profile.name]
                 shape, spacing, dtype = spec.lr_shape, spec.lr_spacing, LR_DTYPE
+                entry.update(profile=profile.name, held_out=profile.held_out,
+                             in_training=profile.name in train_names, scanner=scanner)
             else:
                 data = render_hr(subject, spec, np.random.default_rng([seed, index, 2]))
                 shape, spacing, dtype = spec.hr_shape, spec.hr_spacing, HR_DTYPE
+                entry.update(profile="micro-ct", scanner={
+                    "noise": spec.hr_noise, **{k: round(v, 6) for k, v in subject["hr_calibration"].items()}})
             write_volume(out / rel, data.astype(dtype), affine(shape, spacing), header=header, dtype=dtype)
-            files.append({"path": rel, "role": role, "subject": subject_id, "modality": modality,
-                          "shape": list(shape), "spacing": list(spacing), "dtype": np.dtype(dtype).name,
+            entry.update({"shape": list(shape), "spacing": list(spacing), "dtype": np.dtype(dtype).name,
                           "units": "HU" if is_lr else "grey value", "side": subject["side"],
                           "cochlea_turns": round(subject["cochlea_turns"], 3)})
+            files.append(entry)
     keep = {out / f["path"] for f in files}
-    for sub in ROLE_DIRS.values():
+    for sub in [*ROLE_DIRS.values(), *(p.relative_to(out).as_posix() for p in out.glob("test/lr-*"))]:
         for stale in (out / sub).glob("*.nii*"):
             if stale not in keep:
                 stale.unlink()
+    for folder in out.glob("test/lr-*"):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     manifest = {"seed": seed, "size": spec.name, "subjects": subjects, "spec": spec.to_dict(),
-                "lr_in_plane_only": True, "files": files}
+                "lr_in_plane_only": True, "lr_profiles": train_names, "test_profiles": [p.name for p in tests],
+                "profiles": {p.name: p.to_dict() for p in dict.fromkeys([*train, *tests])}, "files": files}
     _write_json(out / MANIFEST, manifest)
     say(f"wrote {len(files)} volumes and {MANIFEST} to {out}")
     return manifest

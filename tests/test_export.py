@@ -19,7 +19,7 @@ from microsr_tf.inference.mc import MonteCarloPredictor
 from microsr_tf.inference.predict import slice_seed
 from microsr_tf.models.artifact import save_generator
 from microsr_tf.models.generator import ResnetGenerator
-from microsr_tf.models.layers import image_seeds
+from microsr_tf.models.dropout import image_seeds
 from serving_fixture import META, save_tiny_generator  # tests/serving_fixture.py
 
 

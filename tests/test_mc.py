@@ -10,7 +10,7 @@ from microsr_tf.errors import ConfigError, InputError
 from microsr_tf.inference.mc import (MonteCarloPredictor, _Moments, convergence_figures, naive_predict,
                                      seed_rows)
 from microsr_tf.models.generator import ResnetGenerator
-from microsr_tf.models.layers import image_seeds
+from microsr_tf.models.dropout import image_seeds
 
 
 def tiny_generator(position: str = "bottleneck", seed: int = 0) -> ResnetGenerator:
@@ -135,11 +135,11 @@ def test_bad_inputs_are_input_errors(images):
         predictor.predict(images, seed=[1, 2, 3])
 
 
-def test_fused_engine_matches_the_plain_layer_by_layer_posterior(images):
+def test_xla_engine_matches_the_plain_ops_posterior(images):
     gen = tiny_generator("resblocks")
     gen(images[:1])
     plain = ResnetGenerator.from_config(gen.get_config())
-    plain.fused_ops = False
+    plain.xla_kernels = False
     plain(images[:1])
     plain.set_weights(gen.get_weights())
     fast = MonteCarloPredictor(gen, samples=6, seed=11).predict(images)

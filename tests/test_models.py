@@ -14,8 +14,11 @@ from microsr_tf.errors import ConfigError, InputError
 from microsr_tf.models.artifact import load_generator, meta_path_for, save_generator
 from microsr_tf.models.discriminator import PatchDiscriminator
 from microsr_tf.models.generator import ResnetGenerator, with_precision
-from microsr_tf.models.layers import (MCDropout, ReflectionPadding2D, SubPixelResizeConv2D, fused_instance_norm,
-                                     instance_norm, reflect_conv_one_channel)
+from microsr_tf.models.dropout import MCDropout
+from microsr_tf.models.head import OneChannelHead
+from microsr_tf.models.normalization import InstanceNorm, instance_norm
+from microsr_tf.models.padding import ReflectionPadding2D
+from microsr_tf.models.upsampling import SubPixelResizeConv2D
 
 POSITIONS = ("bottleneck", "resblocks", "none")
 UPSAMPLES = ("transpose", "resize")
@@ -92,24 +95,35 @@ def test_subpixel_resize_equals_nearest_upsampling_then_conv(rng):
     np.testing.assert_allclose(layer(x), reference(x), atol=1e-5)
 
 
-def test_fused_instance_norm_equals_the_keras_layer_with_and_without_relu(rng):
+@pytest.mark.parametrize("xla", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+def test_instance_norm_equals_keras_group_normalization(rng, xla, relu):
     x = tf.constant((3.0 + rng.normal(size=(3, 9, 7, 5))).astype("float32"))
-    norm = instance_norm()
+    reference_layer = instance_norm()
+    reference_layer.build(x.shape)
+    reference_layer.gamma.assign(rng.normal(size=5).astype("float32"))
+    reference_layer.beta.assign(rng.normal(size=5).astype("float32"))
+    reference = reference_layer(x).numpy()
+    norm = InstanceNorm(relu=relu)
     norm.build(x.shape)
-    norm.gamma.assign(rng.normal(size=5).astype("float32"))
-    norm.beta.assign(rng.normal(size=5).astype("float32"))
-    reference = norm(x).numpy()
-    np.testing.assert_allclose(fused_instance_norm(x, norm), reference, atol=1e-5)
-    np.testing.assert_allclose(fused_instance_norm(x, norm, relu=True), np.maximum(reference, 0), atol=1e-5)
+    norm.set_weights(reference_layer.get_weights())
+    norm.xla = xla
+    np.testing.assert_allclose(norm(x), np.maximum(reference, 0) if relu else reference, atol=1e-5)
+    assert InstanceNorm.from_config(norm.get_config()).relu is relu
 
 
-def test_reflect_conv_one_channel_equals_padding_then_conv(rng):
+@pytest.mark.parametrize("xla", [True, False])
+def test_one_channel_head_equals_reflection_padding_then_conv(rng, xla):
     x = tf.constant(rng.normal(size=(2, 12, 10, 6)).astype("float32"))
     conv = keras.layers.Conv2D(1, 7)
     conv.build((None, 18, 16, 6))
     conv.bias.assign([0.3])
     expected = conv(ReflectionPadding2D(3)(x)).numpy()
-    y = reflect_conv_one_channel(x, conv).numpy()
+    head = OneChannelHead(7)
+    head.build(x.shape)
+    head.set_weights(conv.get_weights())
+    head.xla = xla
+    y = head(x).numpy()
     assert y.shape == (2, 12, 10, 1)
     np.testing.assert_allclose(y, expected, atol=1e-5)
 
@@ -171,9 +185,9 @@ def test_prefix_then_suffix_equals_call_and_tiles_into_samples(rng, position, up
 
 
 def plain_twin(gen: ResnetGenerator, x: tf.Tensor) -> ResnetGenerator:
-    """A copy of a built ``gen`` with the same weights that calls every Keras layer as is."""
+    """A copy of a built ``gen`` with the same weights whose kernels run as plain, uncompiled ops."""
     twin = ResnetGenerator.from_config(gen.get_config())
-    twin.fused_ops = False
+    twin.xla_kernels = False
     twin(x)
     twin.set_weights(gen.get_weights())
     return twin
@@ -181,7 +195,7 @@ def plain_twin(gen: ResnetGenerator, x: tf.Tensor) -> ResnetGenerator:
 
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("upsample", UPSAMPLES)
-def test_fused_forward_equals_plain_layers_in_outputs_and_gradients(rng, position, upsample):
+def test_xla_kernels_equal_plain_ops_in_outputs_and_gradients(rng, position, upsample):
     keras.utils.set_random_seed(0)  # fixed weights: the gradient tolerance must not depend on test order
     gen = tiny(position, upsample)
     x = image(rng, 2, 32, 40)
@@ -369,17 +383,17 @@ def test_artifact_input_errors(rng, tmp_path):
 def test_fused_kernels_compute_bfloat16_inputs_in_float32(rng):
     x = tf.cast(tf.constant((3.0 + rng.normal(size=(2, 12, 10, 6))).astype("float32")), tf.bfloat16)
     wide = tf.cast(x, tf.float32)  # the same values, exactly
-    norm = instance_norm()
+    norm = InstanceNorm(relu=True, dtype="mixed_bfloat16")  # as in with_precision's copies
     norm.build(x.shape)
     norm.gamma.assign(rng.normal(size=6).astype("float32"))
-    y = fused_instance_norm(x, norm, relu=True)
+    y = norm(x)
     assert y.dtype == tf.bfloat16
-    np.testing.assert_array_equal(y, tf.cast(fused_instance_norm(wide, norm, relu=True), tf.bfloat16))
-    conv = keras.layers.Conv2D(1, 7)
-    conv.build((None, 18, 16, 6))
-    head = reflect_conv_one_channel(x, conv)
-    assert head.dtype == tf.float32
-    np.testing.assert_array_equal(head, reflect_conv_one_channel(wide, conv))
+    # float32 statistics and arithmetic: within one bfloat16 rounding of the float32 result
+    np.testing.assert_allclose(tf.cast(y, tf.float32), norm.call(wide), rtol=2**-8, atol=1e-6)
+    head = OneChannelHead(7, dtype="mixed_bfloat16")
+    head.build(x.shape)
+    assert head(x).dtype == tf.float32
+    np.testing.assert_array_equal(head(x), head(wide))
 
 
 @pytest.mark.parametrize("upsample", UPSAMPLES)

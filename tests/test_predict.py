@@ -102,7 +102,7 @@ def test_cli_writes_mean_and_var_on_the_input_grid(tmp_path, model_dir):
     src = write_lr(tmp_path / "ear.nii.gz")
     out = tmp_path / "out"
     result = run_cli([src, "--model", model_dir, "--out-dir", out, "--samples", 4, "--seed", 3,
-                      "--tile", 32, "--batch-size", 4])
+                      "--tile", 32, "--memory-budget", 256])
     assert result.exit_code == 0, result.output
     assert final_files(out) == ["ear_mean.nii.gz", "ear_var.nii.gz"]
     assert sorted(os.listdir(out)) == final_files(out)  # no temporaries left behind
@@ -201,7 +201,7 @@ def test_preview_std_percentiles_and_progress(tmp_path, model):
 
 @pytest.mark.parametrize("case", ["missing", "not_nifti", "other_scale", "not_coarser", "no_model",
                                   "one_sample", "roi_syntax", "roi_outside", "roi_empty", "bad_axis",
-                                  "second_input_bad", "out_dir_is_file", "bad_model_meta", "huge_overlap"])
+                                  "second_input_bad", "out_dir_is_file", "bad_model_meta", "over_budget"])
 def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir, case):
     good = write_lr(tmp_path / "good.nii.gz")
     out = tmp_path / "out"
@@ -240,9 +240,9 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir
     elif case == "out_dir_is_file":
         out.write_text("")
         expect = [f"{out}: exists and is not a directory"]
-    elif case == "huge_overlap":  # 0.99 would mean tens of thousands of tiles per slice
-        args += ["--stitch", "blend", "--overlap", "0.99"]
-        expect = ["overlap", "0.75"]
+    elif case == "over_budget":  # refused before any output is written
+        args += ["--memory-budget", "0.01"]
+        expect = ["needs about", "memory budget"]
     elif case == "bad_model_meta":
         broken = tmp_path / "broken_run"
         broken.mkdir()

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from microsr_tf.inference.mc import MonteCarloPredictor
 from microsr_tf.models.generator import ResnetGenerator
-from microsr_tf.models.layers import image_seeds, image_seeds_tf
+from microsr_tf.models.dropout import image_seeds, image_seeds_tf
 
 MAX = 2**31 - 1
 

@@ -44,7 +44,7 @@ def test_seeded_request_matches_local_monte_carlo(model, server, protocol):
     with ServingClient(server.target(protocol), protocol=protocol) as client:
         mean, var = client.predict(x, samples=5, seed=7)
         again, _ = client.predict(x, samples=5, seed=7)
-        tiles, _ = client.predict(x, samples=5, seed=[7, 123])  # one seed per image, as stitched tiles send
+        tiles, _ = client.predict(x, samples=5, seed=[7, 123])  # one seed per image, as merged requests carry
     ref = MonteCarloPredictor(gen, samples=5).predict(x, seed=7)
     np.testing.assert_allclose(mean, ref.mean, atol=1e-5)
     np.testing.assert_allclose(var, ref.var, atol=1e-6)

@@ -1,5 +1,5 @@
 """`microsr-tf predict SCAN --server HOST:PORT` writes the NIfTI files local `predict` writes for the same seed,
-over gRPC and REST, whole slices and tiles; a SIGKILL mid-volume leaves nothing at the final paths."""
+over gRPC and REST, whole-slice and paper stitching; a SIGKILL mid-volume leaves nothing at the final paths."""
 
 from __future__ import annotations
 
@@ -40,12 +40,11 @@ def _predict(args) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("stitch", ["whole", "blend"])
+@pytest.mark.parametrize("stitch", ["whole", "paper"])
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])
 def test_remote_predict_writes_the_files_local_predict_writes(tmp_path, setup, protocol, stitch):
-    """Blend with 16-pixel tiles on a 40 x 36 HR slice: several tiles per request, one seed per tile."""
     tmp, server = setup
-    common = [tmp / "scan.nii.gz", "--samples", 3, "--seed", 11, "--stitch", stitch, "--tile", 16, "--std"]
+    common = [tmp / "scan.nii.gz", "--samples", 3, "--seed", 11, "--stitch", stitch, "--std"]
     _predict([*common, "--model", tmp / "g.keras", "--out-dir", tmp_path / "local"])
     _predict([*common, "--server", server.target(protocol), "--protocol", protocol, "--out-dir", tmp_path / "remote"])
     assert sorted(os.listdir(tmp_path / "remote")) == sorted(os.listdir(tmp_path / "local"))

@@ -1,17 +1,24 @@
-"""Monte Carlo dropout posterior of the generator (paper eq. 4), computed without redundant work.
+"""Monte Carlo dropout posterior of the generator (paper eq. 4), exact and without redundant work.
+
+The posterior of an image is always that of the whole image: every instance normalisation sees the
+whole image, and dropout masks are drawn in whole-image coordinates. Nothing about how the work is cut
+up (chunks of samples, stripes of rows, batches of images) changes the answer beyond float rounding.
 
 Every sample shares the generator's deterministic prefix (everything before the first always-on
-dropout), so the prefix runs once per input and only the stochastic suffix runs ``T`` times, on the
-prefix features repeated along the batch axis in chunks sized to a memory budget. Mean and variance
-are accumulated chunk by chunk with Chan's parallel merge of moments, so memory does not grow with
-``T``. Sample ``t`` of an image with seed ``s`` uses the dropout seed row ``[s, t]``, which makes the
-result independent of chunking and batching and equal to :func:`naive_predict` (``T`` full passes
-with the same rows).
+dropout), so the prefix runs once per image and only the stochastic suffix runs ``T`` times, on the
+prefix features repeated along the batch axis in chunks sized to a memory budget. When the generator's
+decoder is local (``decoder_norm="none"``: no statistics over the image after the dropout), the suffix
+runs in full-width stripes of rows with a halo covering the decoder's reach, which bounds memory for
+large slices and keeps the working set small. Mean and variance are accumulated chunk by chunk with
+Chan's parallel merge of moments, so memory does not grow with ``T``. Sample ``t`` of an image with
+seed ``s`` uses the dropout seed row ``[s, t]``, which makes the result equal to :func:`naive_predict`
+(``T`` full passes with the same rows).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -19,11 +26,12 @@ import numpy as np
 import tensorflow as tf
 
 from microsr_tf.errors import ConfigError, InputError
-from microsr_tf.models.generator import with_precision
-from microsr_tf.models.layers import image_seeds
+from microsr_tf.models.dropout import MAX_SEED, image_seeds
+from microsr_tf.models.generator import DECODER_HALO, DOWNSCALE, with_precision
 
-_MAX_SEED = 2**31 - 1  # seed rows are int32
 _LIVE_FACTOR = 3  # live activations of a conv stack ~ input + output + one skip of the largest tensor
+AUTO_BUDGET_FRACTION = 0.5  # "auto" memory budget: this share of the memory available when predicting starts
+_MAX_STRIPE_CHUNK = 16  # samples per stripe pass: enough to keep the matrix units busy, few enough to cache
 
 
 @dataclass
@@ -31,9 +39,9 @@ class MCResult:
     """Posterior mean ``p`` and variance ``c`` of eq. 4 over ``samples`` dropout passes.
 
     ``mean``/``var`` are ``[N, H, W, 1]`` from :meth:`MonteCarloPredictor.predict` and ``[H, W]`` for a
-    stitched slice. ``percentiles`` maps q (0-100) to the per-pixel q-th percentile of the samples
-    (only when asked for). ``convergence`` compares the moments after ``samples // 2`` and ``samples``
-    passes (see :func:`convergence_figures`).
+    slice. ``percentiles`` maps q (0-100) to the per-pixel q-th percentile of the samples (only when
+    asked for). ``convergence`` compares the moments after ``samples // 2`` and ``samples`` passes
+    (see :func:`convergence_figures`).
     """
 
     mean: np.ndarray
@@ -98,29 +106,55 @@ class _Moments:
         return np.asarray(self.m2) / self.count
 
 
+def available_memory_mb() -> float:
+    """Memory the system can give a new allocation now (Linux ``MemAvailable``; else physical memory)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
+def resolve_memory_budget(budget: float | str) -> float:
+    """A memory budget in MB: a positive number, or ``"auto"`` (half the memory available now)."""
+    if isinstance(budget, str):
+        if budget.strip().lower() == "auto":
+            return max(64.0, AUTO_BUDGET_FRACTION * available_memory_mb())
+        try:
+            budget = float(budget)
+        except ValueError:
+            raise ConfigError(f"memory budget must be 'auto' or a number of MB, got {budget!r}") from None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise ConfigError(f"memory_budget_mb must be a positive number of MB or 'auto', got {budget!r}")
+    return float(budget)
+
+
 def _check_images(x) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 4 or x.shape[-1] != 1 or x.shape[0] < 1:
         raise InputError(None, f"expected images of shape [N, H, W, 1], got {x.shape}")
-    if x.shape[1] % 4 or x.shape[2] % 4:
-        raise InputError(None, f"image height and width must be multiples of 4 for the generator, got "
-                               f"{x.shape[1]}x{x.shape[2]} (pad the slice or use inference.stitching)")
+    if x.shape[1] % DOWNSCALE or x.shape[2] % DOWNSCALE:
+        raise InputError(None, f"image height and width must be multiples of {DOWNSCALE} for the generator, "
+                               f"got {x.shape[1]}x{x.shape[2]} (pad the slice, as inference.stitching does)")
     return x
 
 
 def resolve_seed(seed: int | None) -> int:
-    """A valid int32 Monte Carlo seed: ``seed`` checked, or a random one when it is ``None``."""
+    """A valid Monte Carlo seed in [0, 2^31 - 1]: ``seed`` checked, or a random one when it is ``None``."""
     if seed is None:
-        return int(np.random.default_rng().integers(0, _MAX_SEED))
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= _MAX_SEED:
-        raise ConfigError(f"Monte Carlo seed must be an integer in [0, {_MAX_SEED}], got {seed!r}")
+        return int(np.random.default_rng().integers(0, MAX_SEED))
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"Monte Carlo seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     return int(seed)
 
 
 def _resolve_seeds(seed, n: int) -> tuple[int | tuple[int, ...], np.ndarray]:
     """``(seed as recorded, [n] int32 per-image seeds)`` from an int, ``None`` or one int per image.
 
-    One int is a base seed: image ``b`` of the batch gets :func:`~microsr_tf.models.layers.image_seeds`
+    One int is a base seed: image ``b`` of the batch gets :func:`~microsr_tf.models.dropout.image_seeds`
     ``(seed, n)[b]`` (image 0 the seed itself), the convention the served signatures follow too.
     """
     if seed is None or isinstance(seed, (int, np.integer)):
@@ -152,36 +186,51 @@ def _spec_bytes(specs) -> int:
 
 @dataclass
 class _Plan:
-    """Per image size: memory of one image's one pass, and the traced prefix and chunk functions."""
+    """Per image size: the traced functions and what one image's one pass costs in memory.
 
-    bytes_per_sample: int
+    ``bytes_per_sample``: one whole-image suffix pass. With a local decoder, ``stripe_rows`` is the
+    number of trunk rows a stripe owns (all of them when one stripe is the whole image),
+    ``window_rows`` the rows it reads (owned rows plus halos), and ``bytes_per_window`` one pass over
+    one window.
+    """
+
     prefix: Callable
     chunk: Callable
+    bytes_per_sample: int
+    prefix_bytes: int
+    stripe: Callable | None = None
+    trunk: Callable | None = None
+    bytes_per_window_row: int = 0
+    trunk_bytes: int = 0
 
 
 class MonteCarloPredictor:
     """Posterior mean and variance of a generator's outputs over ``samples`` MC dropout passes.
 
     ``generator`` follows the ``ResnetGenerator`` contract (``deterministic_prefix`` /
-    ``stochastic_suffix`` with per-example ``[B, 2]`` seed rows). ``seed=None`` draws a fresh seed per
-    :meth:`predict` call (recorded in the result) that all images of the call share. ``chunk_size`` fixes how many samples run per suffix
-    call; ``None`` sizes chunks to ``memory_budget_mb``, estimated from the traced graphs. Percentiles
-    need the raw samples, so asking for them keeps all ``samples`` outputs in host memory
-    (``N * samples * H * W * 4`` bytes); without them memory does not grow with ``samples``.
-    ``precision="bfloat16"`` runs the stochastic suffix's convolutions in bfloat16 (see
-    :func:`~microsr_tf.models.generator.with_precision`); the prefix, which runs once per input, stays
-    float32, and so do the outputs and the moments.
+    ``stochastic_suffix`` with per-example ``[B, 2]`` seed rows); one that also offers a local decoder
+    (``local_decoder``, ``trunk_suffix``, ``decode``) is run in stripes. ``seed=None`` draws a fresh seed
+    per :meth:`predict` call (recorded in the result). ``chunk_size`` fixes how many samples run per
+    suffix call; ``None`` sizes chunks to ``memory_budget_mb`` (MB, or ``"auto"``: half the memory
+    available at construction), estimated from the traced graphs. ``stripe`` fixes the height in output
+    pixels of the stripes a local decoder runs in (a multiple of 4); ``None`` sizes them to the budget.
+    Neither changes the result. Percentiles need the raw samples, so asking for them keeps all
+    ``samples`` outputs in host memory (``N * samples * H * W * 4`` bytes); without them memory does not
+    grow with ``samples``. ``precision="bfloat16"`` runs the stochastic suffix's convolutions in bfloat16
+    (see :func:`~microsr_tf.models.generator.with_precision`); the prefix, which runs once per image,
+    stays float32, and so do the outputs and the moments.
     """
 
     def __init__(self, generator, samples: int = 100, seed: int | None = None, chunk_size: int | None = None,
-                 memory_budget_mb: float = 1024, percentiles: Sequence[float] = (),
-                 jit_compile: bool = False, precision: str = "float32"):
+                 memory_budget_mb: float | str = "auto", percentiles: Sequence[float] = (),
+                 jit_compile: bool = False, precision: str = "float32", stripe: int | None = None):
         if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
             raise ConfigError(f"Monte Carlo samples must be an integer >= 2 (variance needs two), got {samples!r}")
         if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
             raise ConfigError(f"Monte Carlo chunk_size must be a positive integer or None, got {chunk_size!r}")
-        if not memory_budget_mb > 0:
-            raise ConfigError(f"memory_budget_mb must be positive, got {memory_budget_mb!r}")
+        if stripe is not None and (isinstance(stripe, bool) or not isinstance(stripe, (int, np.integer))
+                                   or stripe < DOWNSCALE or stripe % DOWNSCALE):
+            raise ConfigError(f"stripe height must be a multiple of {DOWNSCALE} pixels >= {DOWNSCALE}, got {stripe!r}")
         qs = tuple(float(q) for q in percentiles)
         if any(not 0.0 <= q <= 100.0 for q in qs):
             raise ConfigError(f"percentiles must lie in [0, 100], got {list(percentiles)}")
@@ -194,106 +243,219 @@ class MonteCarloPredictor:
         self.samples = int(samples)
         self.seed = seed
         self.chunk_size = None if chunk_size is None else int(chunk_size)
-        self.memory_budget_mb = float(memory_budget_mb)
+        self.memory_budget_mb = resolve_memory_budget(memory_budget_mb)
+        self.stripe = None if stripe is None else int(stripe)
         self.percentiles = qs
         self._prefix = tf.function(generator.deterministic_prefix)
         self._chunk = tf.function(self._chunk_moments, jit_compile=jit_compile)
+        self.striped = (getattr(generator, "local_decoder", False) and getattr(generator, "n_dropout_layers", 0) > 0
+                        and hasattr(generator, "trunk_suffix") and hasattr(generator, "decode"))
+        self._bottleneck = self.striped and generator.position == "bottleneck"
+        if self.striped:
+            self._stripe = tf.function(self._stripe_moments, jit_compile=jit_compile)
+            self._trunk = tf.function(self._trunk_samples, jit_compile=jit_compile)
         self._plans: dict[tuple[int, int], _Plan] = {}
 
-    def _chunk_moments(self, features, image_seeds, sample_ids):
-        """Suffix on each image's features repeated once per sample id; per-image chunk mean, M2, samples."""
-        k = tf.shape(sample_ids)[0]
-        n = tf.shape(image_seeds)[0]
-        tiled = tf.nest.map_structure(lambda f: tf.repeat(tf.cast(f, self._feature_dtype), k, axis=0), features)
-        rows = tf.stack([tf.repeat(image_seeds, k), tf.tile(sample_ids, [n])], axis=1)
-        y = self._suffix_generator.stochastic_suffix(tiled, rows)
+    @property
+    def _budget_bytes(self) -> float:
+        return self.memory_budget_mb * 2**20
+
+    # ----- traced functions ---------------------------------------------------------------------------
+
+    def _tile(self, features, k):
+        return tf.nest.map_structure(lambda f: tf.repeat(tf.cast(f, self._feature_dtype), k, axis=0), features)
+
+    @staticmethod
+    def _rows(image_seeds, sample_ids):
+        k, n = tf.shape(sample_ids)[0], tf.shape(image_seeds)[0]
+        return tf.stack([tf.repeat(image_seeds, k), tf.tile(sample_ids, [n])], axis=1)
+
+    @staticmethod
+    def _moments(y, n, k):
         y = tf.reshape(y, tf.concat([[n, k], tf.shape(y)[1:]], axis=0))
         mean = tf.reduce_mean(y, axis=1)
-        m2 = tf.reduce_sum(tf.square(y - mean[:, None]), axis=1)
-        return mean, m2, y
+        return mean, tf.reduce_sum(tf.square(y - mean[:, None]), axis=1), y
+
+    def _chunk_moments(self, features, image_seeds, sample_ids):
+        """Whole-image suffix on each image's features repeated once per sample id; chunk mean, M2, samples."""
+        k, n = tf.shape(sample_ids)[0], tf.shape(image_seeds)[0]
+        y = self._suffix_generator.stochastic_suffix(self._tile(features, k), self._rows(image_seeds, sample_ids))
+        return self._moments(y, n, k)
+
+    def _trunk_samples(self, features, image_seeds, sample_ids):
+        """The stochastic trunk of every (image, sample) pair over the whole image: the decoder's input."""
+        k = tf.shape(sample_ids)[0]
+        return self._suffix_generator.trunk_suffix(self._tile(features, k), self._rows(image_seeds, sample_ids))
+
+    def _stripe_moments(self, window, image_seeds, sample_ids, row_offset):
+        """Decoder over one window of trunk rows for every sample; chunk mean, M2 and samples of its output.
+
+        Bottleneck dropout: ``window`` holds the images' prefix features and the dropout draws the
+        whole image's mask at ``row_offset``. Otherwise it holds the trunk output of every
+        (image, sample) pair, already stochastic.
+        """
+        k, n = tf.shape(sample_ids)[0], tf.shape(image_seeds)[0]
+        if self._bottleneck:
+            window = self._suffix_generator.trunk_suffix(self._tile((window,), k), self._rows(image_seeds, sample_ids),
+                                                         row_offset=row_offset)
+        return self._moments(self._suffix_generator.decode(tf.cast(window, self._feature_dtype)), n, k)
+
+    # ----- planning -------------------------------------------------------------------------------------
+
+    def _plan(self, height: int, width: int) -> _Plan:
+        """Trace the functions once per image size (batch ``None``) and estimate their memory."""
+        key = (int(height), int(width))
+        if key in self._plans:
+            return self._plans[key]
+        prefix = self._prefix.get_concrete_function(tf.TensorSpec([None, *key, 1], tf.float32))
+        feature_specs = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), prefix.structured_outputs)
+        ids = tf.TensorSpec([None], tf.int32)
+        chunk = self._chunk.get_concrete_function(feature_specs, ids, ids)
+        out_bytes = math.prod(key) * 4
+        feature_bytes = _spec_bytes(feature_specs)
+        plan = _Plan(prefix=prefix, chunk=chunk,
+                     bytes_per_sample=feature_bytes + out_bytes + _LIVE_FACTOR * _per_example_bytes(chunk.graph),
+                     prefix_bytes=feature_bytes + _LIVE_FACTOR * _per_example_bytes(prefix.graph))
+        if self.striped:
+            h4, w4 = key[0] // DOWNSCALE, key[1] // DOWNSCALE
+            if self._bottleneck:
+                window_spec = tf.TensorSpec([None, None, w4, feature_specs[0].shape[-1]], feature_specs[0].dtype)
+            else:
+                plan.trunk = self._trunk.get_concrete_function(feature_specs, ids, ids)
+                trunk_out = plan.trunk.structured_outputs
+                window_spec = tf.TensorSpec([None, None, w4, trunk_out.shape[-1]], trunk_out.dtype)
+                plan.trunk_bytes = math.prod(trunk_out.shape.as_list()[1:]) * trunk_out.dtype.size
+            plan.stripe = self._stripe.get_concrete_function(window_spec, ids, ids, tf.TensorSpec([], tf.int32))
+            probe_rows = min(h4, 2 * DECODER_HALO + 1)
+            probe = self._stripe.get_concrete_function(
+                tf.TensorSpec([None, probe_rows, w4, window_spec.shape[-1]], window_spec.dtype), ids, ids,
+                tf.TensorSpec([], tf.int32))
+            per_row = (_LIVE_FACTOR * _per_example_bytes(probe.graph) / probe_rows
+                       + w4 * window_spec.shape[-1] * window_spec.dtype.size + DOWNSCALE**2 * w4 * 4)
+            plan.bytes_per_window_row = int(math.ceil(per_row))
+        self._plans[key] = plan
+        return plan
 
     def bytes_per_sample(self, height: int, width: int) -> int:
-        """Estimated memory of one image's one Monte Carlo pass at ``height x width``, from the traced graphs.
-
-        Counts the repeated prefix features, the output and a few copies of the largest activation
-        (prefix or suffix), which is what a chunk keeps alive at its peak.
-        """
-        return self._plan(height, width).bytes_per_sample
-
-    def _plan(self, height: int, width: int) -> "_Plan":
-        """Trace prefix and chunk once per image size (batch ``None``) and estimate their memory."""
-        key = (int(height), int(width))
-        if key not in self._plans:
-            prefix = self._prefix.get_concrete_function(tf.TensorSpec([None, *key, 1], tf.float32))
-            feature_specs = tf.nest.map_structure(
-                lambda t: tf.TensorSpec(t.shape, t.dtype), prefix.structured_outputs)
-            ids = tf.TensorSpec([None], tf.int32)
-            chunk = self._chunk.get_concrete_function(feature_specs, ids, ids)
-            largest = max(_per_example_bytes(prefix.graph), _per_example_bytes(chunk.graph))
-            out_bytes = math.prod(key) * 4
-            per_sample = _spec_bytes(feature_specs) + out_bytes + _LIVE_FACTOR * largest
-            self._plans[key] = _Plan(per_sample, prefix, chunk)
-        return self._plans[key]
+        """Estimated memory of one image's one Monte Carlo pass at ``height x width``, from the traced graphs:
+        the whole image, or, with a local decoder, the smallest stripe."""
+        plan = self._plan(height, width)
+        if self.striped:
+            return plan.trunk_bytes + plan.bytes_per_window_row * min(height // DOWNSCALE, 2 * DECODER_HALO + 1)
+        return plan.bytes_per_sample
 
     def fits(self, height: int, width: int) -> bool:
-        """Whether one Monte Carlo pass of one ``height x width`` image fits ``memory_budget_mb``."""
-        return self.bytes_per_sample(height, width) <= self.memory_budget_mb * 2**20
+        """Whether the prefix and one Monte Carlo pass of one ``height x width`` image fit the memory budget."""
+        plan = self._plan(height, width)
+        return plan.prefix_bytes + self.bytes_per_sample(height, width) <= self._budget_bytes
+
+    def require_fit(self, height: int, width: int) -> None:
+        """ConfigError, saying how much memory is needed, unless a ``height x width`` image :meth:`fits`."""
+        if not self.fits(height, width):
+            need = (self._plan(height, width).prefix_bytes + self.bytes_per_sample(height, width)) / 2**20
+            raise ConfigError(
+                f"one {height}x{width} Monte Carlo pass needs about {need:.0f} MB, over the memory budget of "
+                f"{self.memory_budget_mb:.0f} MB (memory_budget_mb / --memory-budget); raise the budget")
+
+    # ----- prediction -----------------------------------------------------------------------------------
 
     def predict(self, x, seed: int | Sequence[int] | None = None) -> MCResult:
         """Eq. 4 for each image of ``x`` (``[N, H, W, 1]``, H and W multiples of 4, values in [0, 1]).
 
-        ``seed`` overrides the predictor's seed for this call: one int for all images, or one per
-        image (tiles of a slice get their own, so their Monte Carlo errors are independent); ``None``
-        with no predictor seed draws a random one.
+        ``seed`` overrides the predictor's seed for this call: one base int for the batch (image ``b``
+        uses ``image_seeds(seed, N)[b]``), or one int per image; ``None`` with no predictor seed draws a
+        random one.
         """
         x = _check_images(x)
-        seed, image_seeds = _resolve_seeds(self.seed if seed is None else seed, len(x))
+        seed, seeds = _resolve_seeds(self.seed if seed is None else seed, len(x))
         n, h, w, _ = x.shape
         plan = self._plan(h, w)
-        per_sample = plan.bytes_per_sample
-        rows_fit = int(self.memory_budget_mb * 2**20 // per_sample)
-        if rows_fit < 1:
-            raise ConfigError(
-                f"one {h}x{w} Monte Carlo pass needs about {per_sample / 2**20:.0f} MB, over "
-                f"memory_budget_mb={self.memory_budget_mb:g}; raise the budget or predict in tiles")
+        self.require_fit(h, w)
+        group = max(1, min(n, int(self._budget_bytes // (plan.prefix_bytes + self.bytes_per_sample(h, w)))))
         half = self.samples // 2
-        if self.chunk_size:
-            chunk = self.chunk_size
-            group = max(1, min(n, rows_fit // chunk))
-        else:
-            group = min(n, rows_fit)
-            chunk = max(1, min(self.samples - half, rows_fit // group))
-        bounds = [(a, min(a + chunk, stop)) for start, stop in ((0, half), (half, self.samples))
-                  for a in range(start, stop, chunk)]
-        means, variances, mean_halves, var_halves, kept = [], [], [], [], []
+        results = {"mean": [], "var": [], "mean_half": [], "var_half": [], "kept": []}
         for g0 in range(0, n, group):
             features = plan.prefix(tf.constant(x[g0:g0 + group]))
-            group_seeds = tf.constant(image_seeds[g0:g0 + group])
-            moments = _Moments()
-            samples = [] if self.percentiles else None
-            for a, b in bounds:
-                c_mean, c_m2, y = plan.chunk(features, group_seeds, tf.range(a, b, dtype=tf.int32))
-                moments.merge(b - a, c_mean.numpy(), c_m2.numpy())
-                if samples is not None:
-                    samples.append(y.numpy())
-                if b == half:
-                    mean_halves.append(moments.mean)
-                    var_halves.append(moments.variance())
-            means.append(moments.mean)
-            variances.append(moments.variance())
-            if samples is not None:
-                kept.append(np.percentile(np.concatenate(samples, axis=1), self.percentiles, axis=1))
-        return _result(means, variances, mean_halves, var_halves, kept, self.percentiles, self.samples, seed)
+            group_seeds = tf.constant(seeds[g0:g0 + group])
+            budget = self._budget_bytes - len(seeds[g0:g0 + group]) * plan.prefix_bytes
+            passes = (self._striped_passes(plan, features, group_seeds, budget, h, w) if self.striped
+                      else self._whole_passes(plan, features, group_seeds, budget))
+            _accumulate(passes, half, results, self.percentiles)
+        return _result(results, self.percentiles, self.samples, seed)
+
+    def _bounds(self, chunk: int) -> list[tuple[int, int]]:
+        """Sample-id ranges of ``chunk`` samples, split at ``samples // 2`` for the convergence figures."""
+        half = self.samples // 2
+        return [(a, min(a + chunk, stop)) for start, stop in ((0, half), (half, self.samples))
+                for a in range(start, stop, chunk)]
+
+    def _whole_passes(self, plan: _Plan, features, group_seeds, budget: float):
+        n = int(group_seeds.shape[0])
+        chunk = self.chunk_size or max(1, min(self.samples - self.samples // 2,
+                                              int(budget // (n * plan.bytes_per_sample))))
+        for a, b in self._bounds(chunk):
+            yield (a, b) + tuple(t.numpy() for t in plan.chunk(features, group_seeds, tf.range(a, b, dtype=tf.int32)))
+
+    def _striped_passes(self, plan: _Plan, features, group_seeds, budget: float, h: int, w: int):
+        """Chunks of samples, each decoded stripe by stripe; yields whole-image chunk moments."""
+        n = int(group_seeds.shape[0])
+        h4 = h // DOWNSCALE
+        chunk = self.chunk_size or min(self.samples - self.samples // 2, _MAX_STRIPE_CHUNK)
+        per_chunk = lambda c: n * c * (plan.trunk_bytes + plan.bytes_per_window_row * (2 * DECODER_HALO + 1))  # noqa: E731
+        while chunk > 1 and per_chunk(chunk) > budget:
+            chunk //= 2
+        if self.stripe is not None:
+            owned = max(1, self.stripe // DOWNSCALE)
+        else:
+            spare = budget / (n * chunk) - plan.trunk_bytes
+            owned = max(1, int(spare // plan.bytes_per_window_row) - 2 * DECODER_HALO)
+        owned = min(owned, h4)
+        window = min(h4, owned + 2 * DECODER_HALO)
+        for a, b in self._bounds(chunk):
+            ids = tf.range(a, b, dtype=tf.int32)
+            source = features[0] if self._bottleneck else plan.trunk(features, group_seeds, ids)
+            mean = np.empty((n, h, w, 1), np.float32)
+            m2 = np.empty_like(mean)
+            kept = np.empty((n, b - a, h, w, 1), np.float32) if self.percentiles else None
+            for r0 in range(0, h4, owned):
+                r1 = min(r0 + owned, h4)
+                top = min(max(0, r0 - DECODER_HALO), h4 - window)  # every window has the same height
+                c_mean, c_m2, y = plan.stripe(source[:, top:top + window], group_seeds, ids, tf.constant(top, tf.int32))
+                rows = slice((r0 - top) * DOWNSCALE, (r1 - top) * DOWNSCALE)
+                out = slice(r0 * DOWNSCALE, r1 * DOWNSCALE)
+                mean[:, out], m2[:, out] = c_mean.numpy()[:, rows], c_m2.numpy()[:, rows]
+                if kept is not None:
+                    kept[:, :, out] = y.numpy()[:, :, rows]
+            yield a, b, mean, m2, kept
 
 
-def _result(means, variances, mean_halves, var_halves, kept, qs, samples, seed) -> MCResult:
-    mean = np.concatenate(means).astype(np.float32)
-    var = np.concatenate(variances).astype(np.float32)
+
+def _accumulate(passes, half: int, results: dict, qs: tuple[float, ...]) -> None:
+    """Merge one image group's chunks ``(a, b, mean, m2, samples)`` into ``results``, with the percentiles
+    ``qs`` of the group's samples when asked for."""
+    moments = _Moments()
+    samples = [] if qs else None
+    for a, b, c_mean, c_m2, y in passes:
+        moments.merge(b - a, c_mean, c_m2)
+        if samples is not None:
+            samples.append(y)
+        if b == half:
+            results["mean_half"].append(moments.mean)
+            results["var_half"].append(moments.variance())
+    results["mean"].append(moments.mean)
+    results["var"].append(moments.variance())
+    if samples is not None:
+        results["kept"].append(np.percentile(np.concatenate(samples, axis=1), qs, axis=1))
+
+
+def _result(results: dict, qs, samples: int, seed) -> MCResult:
+    mean = np.concatenate(results["mean"]).astype(np.float32)
+    var = np.concatenate(results["var"]).astype(np.float32)
     percentiles = None
     if qs:
-        stacked = np.concatenate(kept, axis=1).astype(np.float32)
+        stacked = np.concatenate(results["kept"], axis=1).astype(np.float32)
         percentiles = {q: stacked[i] for i, q in enumerate(qs)}
-    conv = convergence_figures(np.concatenate(mean_halves), np.concatenate(var_halves), mean, var)
+    conv = convergence_figures(np.concatenate(results["mean_half"]), np.concatenate(results["var_half"]), mean, var)
     return MCResult(mean=mean, var=var, samples=samples, seed=seed, percentiles=percentiles, convergence=conv)
 
 
@@ -301,25 +463,22 @@ def naive_predict(generator, x, samples: int = 100, seed: int | Sequence[int] | 
                   percentiles: Sequence[float] = ()) -> MCResult:
     """Reference eq. 4: ``samples`` full passes ``generator(x, rows_t)`` with the rows of the fast path.
 
-    Slower by the cost of the prefix times ``samples``; used to check and benchmark
-    :class:`MonteCarloPredictor`, which must agree with it to float rounding.
+    Slower by the cost of the prefix times ``samples``; the reference that tests and benchmarks hold
+    :class:`MonteCarloPredictor` to (it must agree to float rounding).
     """
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
         raise ConfigError(f"Monte Carlo samples must be an integer >= 2 (variance needs two), got {samples!r}")
     x = _check_images(x)
-    seed, image_seeds = _resolve_seeds(seed, len(x))
+    seed, seeds = _resolve_seeds(seed, len(x))
     qs = tuple(float(q) for q in percentiles)
     full = tf.function(lambda images, rows: generator(images, seed=rows), reduce_retracing=True)
     images = tf.constant(x)
-    moments = _Moments()
-    kept, mean_half, var_half = [], None, None
-    for t in range(samples):
-        rows = tf.constant(seed_rows(image_seeds, t))
-        y = full(images, rows).numpy()
-        moments.merge(1, y, np.zeros_like(y))
-        if qs:
-            kept.append(y)
-        if t + 1 == samples // 2:
-            mean_half, var_half = moments.mean, moments.variance()
-    pct = [np.percentile(np.stack(kept, axis=1), qs, axis=1)] if qs else []
-    return _result([moments.mean], [moments.variance()], [mean_half], [var_half], pct, qs, samples, seed)
+    results = {"mean": [], "var": [], "mean_half": [], "var_half": [], "kept": []}
+
+    def passes():
+        for t in range(samples):
+            y = full(images, tf.constant(seed_rows(seeds, t))).numpy()
+            yield t, t + 1, y, np.zeros_like(y), y[:, None]
+
+    _accumulate(passes(), samples // 2, results, qs)
+    return _result(results, qs, samples, seed)

@@ -119,7 +119,7 @@ def float32_generator(generator: ResnetGenerator) -> ResnetGenerator:
         copy = type(generator).from_config({**generator.get_config(), "dtype": "float32"})
     copy.build((None, None, None, 1))
     copy.set_weights(generator.get_weights())
-    copy.fused_ops = generator.fused_ops
+    copy.xla_kernels = generator.xla_kernels
     return copy
 
 
@@ -262,8 +262,8 @@ def build_cyclegan(model_cfg: ModelConfig, train_cfg: TrainConfig, patch_size: i
     ``compile``)."""
 
     def generator(name: str) -> keras.Model:
-        return ResnetGenerator(model_cfg.ngf, model_cfg.n_blocks, model_cfg.upsample,
-                               model_cfg.dropout_rate, model_cfg.dropout_position, name=name)
+        return ResnetGenerator(model_cfg.ngf, model_cfg.n_blocks, model_cfg.upsample, model_cfg.dropout_rate,
+                               model_cfg.dropout_position, model_cfg.decoder_norm, name=name)
 
     def critic(name: str) -> keras.Model:
         return PatchDiscriminator(model_cfg.ndf, model_cfg.n_layers_d, name=name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 
 from microsr_tf.errors import ConfigError
-from microsr_tf.models.layers import instance_norm
+from microsr_tf.models.normalization import instance_norm
 
 
 @keras.saving.register_keras_serializable(package="microsr_tf")

@@ -1,10 +1,11 @@
 """The CycleGAN ResNet generator with always-on Monte Carlo dropout, split into a deterministic
 prefix (run once per input) and a stochastic suffix (run once per MC sample).
 
-The Keras layers hold the weights (and fix the ``.keras`` layout); the forward pass computes instance
-norm (+ ReLU) and the one-channel 7x7 head with the faster equivalent kernels of ``layers.py``, which
-matter most in the suffix that Monte Carlo sampling repeats. ``fused_ops = False`` calls every layer
-as is (the reference formulation).
+The suffix itself has two parts: the trunk part after the first dropout (at a quarter of the
+resolution; only the dropout layer itself in the paper's "bottleneck" position) and the decoder
+back to full resolution. With ``decoder_norm="none"`` the decoder holds no instance normalisation, so
+each output pixel depends only on a small neighbourhood of the trunk output: the Monte Carlo engine
+can run it in stripes of the slice with a halo and get exactly the whole-slice result.
 """
 
 from __future__ import annotations
@@ -14,21 +15,27 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from microsr_tf.config import DROPOUT_POSITIONS, UPSAMPLE_KINDS
+from microsr_tf.config import DECODER_NORMS, DROPOUT_POSITIONS, UPSAMPLE_KINDS
 from microsr_tf.errors import ConfigError
-from microsr_tf.models.layers import (MCDropout, ReflectionPadding2D, SubPixelResizeConv2D, fused_instance_norm,
-                                     instance_norm, is_instance_norm, is_one_channel_conv, reflect_conv_one_channel)
-
+from microsr_tf.models.dropout import MCDropout
+from microsr_tf.models.head import OneChannelHead
+from microsr_tf.models.normalization import InstanceNorm
+from microsr_tf.models.padding import ReflectionPadding2D
+from microsr_tf.models.upsampling import SubPixelResizeConv2D
 
 PRECISIONS = ("float32", "bfloat16")
+DOWNSCALE = 4  # the trunk runs at 1/4 of the input resolution
+# Rows of trunk output (1/4 resolution) beyond a stripe that a norm-free decoder can read: each x2
+# upsampling looks one pixel of its input away, the 7x7 head three output pixels (< one trunk row).
+DECODER_HALO = 3
 
 
-def with_precision(generator: ResnetGenerator, precision: str = "float32") -> ResnetGenerator:
+def with_precision(generator: "ResnetGenerator", precision: str = "float32") -> "ResnetGenerator":
     """``generator`` itself for "float32"; for "bfloat16" a copy with its weights whose layers follow
     Keras' ``mixed_bfloat16`` policy: convolutions take bfloat16 activations and cast their float32
     weights on the fly, while instance-norm statistics, the one-channel head and the sigmoid output stay
-    float32 (the fused kernels compute in float32). CPUs with bfloat16 matrix units (AMX, AVX512-BF16)
-    run those convolutions several times faster; outputs move by about 1e-3.
+    float32. CPUs with bfloat16 matrix units (AMX, AVX512-BF16) run those convolutions several times
+    faster; outputs move by about 1e-3.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -47,7 +54,6 @@ def with_precision(generator: ResnetGenerator, precision: str = "float32") -> Re
         keras.config.set_dtype_policy(previous)
     clone.build((None, None, None, 1))
     clone.set_weights(generator.get_weights())
-    clone.fused_ops = generator.fused_ops
     clone.xla_kernels = generator.xla_kernels
     return clone
 
@@ -61,57 +67,38 @@ def _build_sequence(layers: Sequence[keras.layers.Layer], shape: tuple) -> tuple
     return shape
 
 
-def _apply(layers: Sequence[keras.layers.Layer], x: tf.Tensor, fused: bool = True, xla: bool = True) -> tf.Tensor:
-    """Run ``layers`` in order; with ``fused``, instance norm (+ a following ReLU) and reflection
-    padding + one-channel conv run as single fused kernels with the same weights and outputs, compiled
-    by XLA when ``xla``."""
-    i = 0
-    while i < len(layers):
-        layer, following = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-        if fused and is_instance_norm(layer, x.shape[-1]):
-            relu = (type(following) is keras.layers.ReLU and following.max_value is None
-                    and following.negative_slope == 0 and following.threshold == 0)
-            x = fused_instance_norm(x, layer, relu, xla)
-            i += 2 if relu else 1
-        elif fused and isinstance(layer, ReflectionPadding2D) and is_one_channel_conv(following, layer.padding):
-            x = reflect_conv_one_channel(x, following, xla)
-            i += 2
-        else:
-            x = layer(x)
-            i += 1
+def _apply(layers: Sequence[keras.layers.Layer], x: tf.Tensor) -> tf.Tensor:
+    for layer in layers:
+        x = layer(x)
     return x
 
 
 @keras.saving.register_keras_serializable(package="microsr_tf")
 class ResnetBlock(keras.layers.Layer):
-    """Residual block: reflect pad, 3x3 conv, IN, ReLU, [MC dropout], reflect pad, 3x3 conv, IN, + skip.
+    """Residual block: reflect pad, 3x3 conv, IN + ReLU, [MC dropout], reflect pad, 3x3 conv, IN, + skip.
 
     ``first_half`` ends right before the dropout so the block can be cut there for MC sampling.
-    ``fused_ops`` as in :class:`ResnetGenerator`.
     """
-
-    fused_ops = True
-    xla_kernels = True
 
     def __init__(self, filters: int, dropout_rate: float = 0.0, dropout_index: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.filters = int(filters)
         self.dropout_rate = float(dropout_rate)
         self.dropout_index = int(dropout_index)
-        self.head = [ReflectionPadding2D(1), keras.layers.Conv2D(filters, 3), instance_norm(), keras.layers.ReLU()]
+        self.head = [ReflectionPadding2D(1), keras.layers.Conv2D(filters, 3), InstanceNorm(relu=True)]
         self.dropout = MCDropout(dropout_rate, dropout_index) if dropout_rate > 0 else None
-        self.tail = [ReflectionPadding2D(1), keras.layers.Conv2D(filters, 3), instance_norm()]
+        self.tail = [ReflectionPadding2D(1), keras.layers.Conv2D(filters, 3), InstanceNorm()]
 
     def build(self, input_shape):
         _build_sequence(self.tail, _build_sequence(self.head, input_shape))
 
     def first_half(self, x: tf.Tensor) -> tf.Tensor:
-        return _apply(self.head, x, self.fused_ops, self.xla_kernels)
+        return _apply(self.head, x)
 
     def second_half(self, x: tf.Tensor, h: tf.Tensor, seed: tf.Tensor | None = None) -> tf.Tensor:
         if self.dropout is not None:
             h = self.dropout(h, seed=seed)
-        return x + _apply(self.tail, h, self.fused_ops, self.xla_kernels)
+        return x + _apply(self.tail, h)
 
     def call(self, x, seed=None):
         return self.second_half(x, self.first_half(x), seed)
@@ -129,27 +116,32 @@ class ResnetGenerator(keras.Model):
     """ResNet image-to-image generator (CycleGAN), one channel in [0, 1] in and out.
 
     7x7 stem, two stride-2 convs, ``n_blocks`` residual blocks, two x2 upsamplings ("transpose":
-    3x3 stride-2 transposed conv; "resize": nearest x2 + 3x3 conv), 7x7 head and sigmoid. Height
-    and width must be multiples of 4. MC dropout (``rate``) sits after the trunk ("bottleneck", the
-    paper's single dropout layer), inside every residual block ("resblocks", as CycleGAN's
-    ``use_dropout``) or nowhere ("none"); it is on in every call.
+    3x3 stride-2 transposed conv; "resize": nearest x2 + 3x3 conv), 7x7 head and sigmoid, instance
+    normalisation after every convolution of the encoder and the blocks, and after the upsamplings
+    unless ``decoder_norm="none"``. Height and width must be multiples of 4. MC dropout (``rate``) sits
+    after the trunk ("bottleneck", the paper's single dropout layer), inside every residual block
+    ("resblocks", as CycleGAN's ``use_dropout``) or nowhere ("none"); it is on in every call.
 
-    ``fused_ops`` (default True) computes instance norm (+ ReLU) and the 7x7 head with fused kernels;
-    False calls each Keras layer (the reference formulation: same weights, outputs equal to ~1e-5).
-    Set it before the first traced call.
+    ``xla_kernels`` (default True) compiles the fused instance-norm, head and dropout-mask kernels with
+    XLA (fast on CPU); False traces them as plain ops with identical results, for graphs served by
+    servers that do not compile XLA (exports set it). Set it before the first traced call.
     """
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, upsample: str = "transpose",
-                 dropout_rate: float = 0.5, dropout_position: str = "bottleneck", **kwargs):
+                 dropout_rate: float = 0.5, dropout_position: str = "bottleneck", decoder_norm: str = "instance",
+                 **kwargs):
         super().__init__(**kwargs)
         if upsample not in UPSAMPLE_KINDS:
             raise ConfigError(f"model.upsample must be one of {UPSAMPLE_KINDS}, got {upsample!r}")
         if dropout_position not in DROPOUT_POSITIONS:
             raise ConfigError(f"model.dropout_position must be one of {DROPOUT_POSITIONS}, got {dropout_position!r}")
+        if decoder_norm not in DECODER_NORMS:
+            raise ConfigError(f"model.decoder_norm must be one of {DECODER_NORMS}, got {decoder_norm!r}")
         if not 0.0 <= dropout_rate < 1.0:
             raise ConfigError(f"model.dropout_rate must be in [0, 1), got {dropout_rate}")
         self.ngf, self.n_blocks, self.upsample = int(ngf), int(n_blocks), upsample
         self.dropout_rate, self.dropout_position = float(dropout_rate), dropout_position
+        self.decoder_norm = decoder_norm
         # A zero rate or no blocks to hold the dropout means the network is deterministic.
         position = dropout_position if dropout_rate > 0 else "none"
         if position == "resblocks" and n_blocks == 0:
@@ -157,9 +149,9 @@ class ResnetGenerator(keras.Model):
         self._position = position
 
         self.encoder = [
-            ReflectionPadding2D(3), keras.layers.Conv2D(ngf, 7), instance_norm(), keras.layers.ReLU(),
-            keras.layers.Conv2D(2 * ngf, 3, strides=2, padding="same"), instance_norm(), keras.layers.ReLU(),
-            keras.layers.Conv2D(4 * ngf, 3, strides=2, padding="same"), instance_norm(), keras.layers.ReLU(),
+            ReflectionPadding2D(3), keras.layers.Conv2D(ngf, 7), InstanceNorm(relu=True),
+            keras.layers.Conv2D(2 * ngf, 3, strides=2, padding="same"), InstanceNorm(relu=True),
+            keras.layers.Conv2D(4 * ngf, 3, strides=2, padding="same"), InstanceNorm(relu=True),
         ]
         block_rate = dropout_rate if position == "resblocks" else 0.0
         self.blocks = [ResnetBlock(4 * ngf, block_rate, dropout_index=i, name=f"block_{i}") for i in range(n_blocks)]
@@ -168,43 +160,40 @@ class ResnetGenerator(keras.Model):
         for filters in (2 * ngf, ngf):
             up = (keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same") if upsample == "transpose"
                   else SubPixelResizeConv2D(filters))
-            self.decoder += [up, instance_norm(), keras.layers.ReLU()]
-        self.decoder += [ReflectionPadding2D(3), keras.layers.Conv2D(1, 7),
-                         keras.layers.Activation("sigmoid", dtype="float32")]
-        self.fused_ops = True
+            self.decoder += [up, InstanceNorm(relu=True) if decoder_norm == "instance" else keras.layers.ReLU()]
+        self.decoder += [OneChannelHead(7), keras.layers.Activation("sigmoid", dtype="float32")]
         self.xla_kernels = True
 
     @property
     def xla_kernels(self) -> bool:
-        """Whether the fused kernels and dropout masks are XLA-compiled (fast on CPU). False traces them as
-        plain ops with identical results: graphs for servers that do not compile XLA, such as the stock
-        ``tensorflow_model_server`` (exports set it). Set it before the first traced call."""
+        """Whether the fused kernels and dropout masks are XLA-compiled; see the class docstring."""
         return self._xla_kernels
 
     @xla_kernels.setter
     def xla_kernels(self, value: bool) -> None:
         self._xla_kernels = bool(value)
+        layers = list(self.encoder) + list(self.decoder)
         for block in self.blocks:
-            block.xla_kernels = self._xla_kernels
-            if block.dropout is not None:
-                block.dropout.xla = self._xla_kernels
-        if self.bottleneck_dropout is not None:
-            self.bottleneck_dropout.xla = self._xla_kernels
-
-    @property
-    def fused_ops(self) -> bool:
-        return self._fused_ops
-
-    @fused_ops.setter
-    def fused_ops(self, value: bool) -> None:
-        self._fused_ops = bool(value)
-        for block in self.blocks:
-            block.fused_ops = self._fused_ops
+            layers += block.head + block.tail + [block.dropout]
+        for layer in layers + [self.bottleneck_dropout]:
+            if hasattr(layer, "xla"):
+                layer.xla = self._xla_kernels
 
     @property
     def n_dropout_layers(self) -> int:
         """Number of MC dropout layers that actually drop (0 when deterministic)."""
         return {"none": 0, "bottleneck": 1, "resblocks": self.n_blocks}[self._position]
+
+    @property
+    def position(self) -> str:
+        """Where the dropout that acts sits: "bottleneck", "resblocks", or "none" (deterministic)."""
+        return self._position
+
+    @property
+    def local_decoder(self) -> bool:
+        """Whether each output pixel depends only on trunk rows within :data:`DECODER_HALO` of its own (no
+        normalisation in the decoder), so that the decoder can run in stripes with the same result."""
+        return self.decoder_norm == "none"
 
     def build(self, input_shape):
         shape = _build_sequence(self.encoder, tuple(input_shape))
@@ -223,27 +212,41 @@ class ResnetGenerator(keras.Model):
         """
         x = tf.cast(x, tf.float32)
         self._ensure_built(x)
-        h = _apply(self.encoder, x, self.fused_ops, self.xla_kernels)
+        h = _apply(self.encoder, x)
         if self._position == "resblocks":
             return h, self.blocks[0].first_half(h)
         for block in self.blocks:
             h = block(h)
         if self._position == "none":
-            return (_apply(self.decoder, h, self.fused_ops, self.xla_kernels),)
+            return (_apply(self.decoder, h),)
         return (h,)
 
-    def stochastic_suffix(self, features: Sequence[tf.Tensor], seed: tf.Tensor | None = None) -> tf.Tensor:
-        """The rest of the network from :meth:`deterministic_prefix`'s features; ``seed`` ``[B, 2]`` int32."""
+    def trunk_suffix(self, features: Sequence[tf.Tensor], seed: tf.Tensor | None = None,
+                     row_offset: int | tf.Tensor = 0) -> tf.Tensor:
+        """The stochastic trunk from :meth:`deterministic_prefix`'s features up to the decoder's input.
+
+        ``row_offset`` (bottleneck position only) says which row of the whole trunk output the first row
+        of ``features`` is, so a full-width stripe draws the whole slice's dropout mask.
+        """
         if self._position == "none":
-            return features[0]
+            raise ValueError("a deterministic generator has no stochastic trunk")
         if self._position == "resblocks":
             x, hidden = features
             h = self.blocks[0].second_half(x, hidden, seed)
             for block in self.blocks[1:]:
                 h = block(h, seed=seed)
-        else:
-            h = self.bottleneck_dropout(features[0], seed=seed)
-        return _apply(self.decoder, h, self.fused_ops, self.xla_kernels)
+            return h
+        return self.bottleneck_dropout(features[0], seed=seed, row_offset=row_offset)
+
+    def decode(self, h: tf.Tensor) -> tf.Tensor:
+        """The decoder: trunk output (1/4 resolution) to the [0, 1] image."""
+        return _apply(self.decoder, h)
+
+    def stochastic_suffix(self, features: Sequence[tf.Tensor], seed: tf.Tensor | None = None) -> tf.Tensor:
+        """The rest of the network from :meth:`deterministic_prefix`'s features; ``seed`` ``[B, 2]`` int32."""
+        if self._position == "none":
+            return features[0]
+        return self.decode(self.trunk_suffix(features, seed))
 
     def call(self, x, seed=None):
         return self.stochastic_suffix(self.deterministic_prefix(x), seed)
@@ -265,4 +268,5 @@ class ResnetGenerator(keras.Model):
 
     def get_config(self):
         return {**super().get_config(), "ngf": self.ngf, "n_blocks": self.n_blocks, "upsample": self.upsample,
-                "dropout_rate": self.dropout_rate, "dropout_position": self.dropout_position}
+                "dropout_rate": self.dropout_rate, "dropout_position": self.dropout_position,
+                "decoder_norm": self.decoder_norm}

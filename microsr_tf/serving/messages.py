@@ -21,7 +21,7 @@ from tensorflow_serving.apis import predict_pb2
 
 from ..errors import InputError
 from ..export import MAX_SAMPLES, MIN_SIZE
-from ..models.layers import image_seeds
+from ..models.dropout import image_seeds
 
 MAX_SEED = 2**31 - 1
 

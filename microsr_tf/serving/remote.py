@@ -1,8 +1,8 @@
 """A model server as the Monte Carlo engine of ``predict_volume``: ``microsr-tf predict --server``.
 
-Only the posterior of a normalised HR-grid slice is computed remotely; reading, resampling,
-normalising, seeds, stitching, units and writing stay the local code's, so a remote run writes what a
-local run with the same options and seed writes (to float rounding).
+Only the posterior of a normalised HR-grid slice is computed remotely, one whole slice per request;
+reading, resampling, normalising, seeds, post-processing, units and writing stay the local code's, so
+a remote run writes what a local run with the same options and seed writes (to float rounding).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ class RemotePredictor:
     """The predictor interface :func:`~microsr_tf.inference.stitching.predict_slice` uses, with the
     ``samples`` dropout passes run by the server's ``mc_seeded`` signature.
 
-    A base seed is sent as it is (the server gives image ``b`` of a batch ``image_seeds(seed, B)[b]``,
-    as :class:`~microsr_tf.inference.mc.MonteCarloPredictor` does); per-image seeds (tiles) are sent
-    one per image. Percentiles need the raw samples, which the server does not return.
+    A base seed gives image ``b`` of a batch ``image_seeds(seed, B)[b]``, as
+    :class:`~microsr_tf.inference.mc.MonteCarloPredictor` does (sent as one seed per image); per-image
+    seeds are sent as they are. Percentiles need the raw samples, which the server does not return.
     """
 
     percentiles: tuple[float, ...] = ()
@@ -34,10 +34,6 @@ class RemotePredictor:
         self.client = client
         self.samples = int(samples)
         self.seed = seed
-
-    def fits(self, height: int, width: int) -> bool:
-        """Always: the limit on a whole slice is the message size, which the client checks per request."""
-        return True
 
     def predict(self, x, seed: int | Sequence[int] | None = None) -> MCResult:
         seed = self.seed if seed is None else seed
@@ -50,16 +46,16 @@ class RemotePredictor:
                         seed=seed)
 
 
-def remote_engine(client: ServingClient, samples: int, stitch: str = "whole", tile: int = 256,
-                  overlap: float = 0.25, batch_size: int = 8) -> SliceEngine:
-    """``engine(normalised_hr_slice, slice_seed) -> MCResult`` for ``predict_volume``, tiling and stitching
-    exactly as local prediction does (``stitch``, ``tile``, ``overlap``, ``batch_size`` tiles per request)."""
+def remote_engine(client: ServingClient, samples: int, stitch: str = "whole") -> SliceEngine:
+    """``engine(normalised_hr_slice, slice_seed) -> MCResult`` for ``predict_volume``: each slice's whole-slice
+    posterior from the server, post-processed locally as ``stitch`` says (the paper's histogram matching
+    and median filter for ``"paper"``), exactly as local prediction does."""
     messages.check_samples(samples)  # refused before any slice is read
     predictor = RemotePredictor(client, samples)
 
     def engine(image: np.ndarray, slice_seed: int) -> MCResult:
         predictor.seed = slice_seed
-        return predict_slice(predictor, image, mode=stitch, tile=tile, overlap=overlap, batch_size=batch_size)
+        return predict_slice(predictor, image, mode=stitch)
 
     return engine
 

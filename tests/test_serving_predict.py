@@ -53,11 +53,12 @@ def test_remote_predict_writes_the_files_local_predict_writes(tmp_path, setup, p
         remote = nib.load(tmp_path / "remote" / f"scan_{key}.nii.gz")
         assert remote.shape == local.shape == (40, 36, 3)
         np.testing.assert_array_equal(remote.affine, local.affine)
-        # float32 rounding: the server runs plain ops where local prediction runs fused XLA kernels, and a
-        # variance of nearly equal samples magnifies that rounding
+        # float32 rounding: the server runs plain ops where local prediction runs fused XLA kernels; a
+        # variance of nearly equal samples magnifies it, and in paper mode so do the slopes of the
+        # histogram maps and the median filter's choice between nearly tied neighbours
         scale = float(np.abs(local.get_fdata()).max())
-        np.testing.assert_allclose(remote.get_fdata(), local.get_fdata(), rtol=0,
-                                   atol=(1e-4 if key == "var" else 2e-5) * scale)
+        tolerance = 2e-5 if key == "mean" else (1e-4 if stitch == "whole" else 1e-3)
+        np.testing.assert_allclose(remote.get_fdata(), local.get_fdata(), rtol=0, atol=tolerance * scale)
 
 
 def test_server_options_that_cannot_apply_are_refused(tmp_path, setup):

@@ -9,14 +9,16 @@ Signatures (every input is checked in the graph, so any server answers a bad req
 INVALID_ARGUMENT and a message that says what was expected):
 
 - ``serving_default(image)`` -> ``{"mean", "variance"}``: normalised slices on the HR grid
-  (``[B, H, W, 1]`` float32 in [0, 1], H and W multiples of 4 and at least 8), the exported default number of
-  Monte Carlo samples, a fresh random seed per request;
+  (``[B, H, W, 1]`` float32 in [0, 1], H and W multiples of 4 and at least 8), the exported default
+  number of Monte Carlo samples, a fresh random seed per request (seeded anew at every load);
 - ``mc_seeded(image, samples, seed)`` -> the same with an explicit sample count and seed;
 - ``mc_scanner(lr_image, spacing, samples, seed)`` -> ``{"mean", "variance", "std"}`` in HR units on
   the HR grid, from LR slices in the scanner's units (``[B, h, w, 1]`` float32) and their in-plane
   spacing in mm: the graph resamples (Keys bicubic, as ``predict``), normalises with the training
   scans' pooled statistics (``lr_stats``), pads, runs the posterior and maps back to HR units, so a
-  client needs no Python. Exported only when the model's metadata holds ``lr_stats``.
+  client needs no Python. Exported only when the model's metadata holds ``lr_stats``;
+- ``metadata(probe)`` -> ``{"json"}``: the model's metadata (the ``assets.extra`` file), one copy per
+  entry of ``probe``, for clients that have no copy of the export (``microsr-tf predict --server``).
 
 ``samples`` and ``seed`` are int32 scalars (one base seed: image ``b`` uses
 ``image_seeds(seed, B)[b]``, image 0 the seed itself -- the convention of
@@ -27,8 +29,9 @@ in [2, :data:`MAX_SAMPLES`] and a request may hold at most ``max_pixels`` HR pix
 
 Graphs are traced with ``ResnetGenerator.xla_kernels = False``: no function is marked
 ``_XlaMustCompile``, which the stock ``tensorflow_model_server`` refuses to run unless started with
-``--xla_cpu_compilation_enabled``. The SavedModel also carries ``prefix`` and ``suffix`` functions,
-so :func:`load_model` can hand ``microsr-tf predict`` an object with the generator interface.
+``--xla_cpu_compilation_enabled``. The SavedModel also carries the generator's weights and ``prefix``
+and ``suffix`` functions, and its metadata the generator's config, so :func:`load_model` can hand
+``microsr-tf predict`` the Keras generator again (with its fast kernels).
 """
 
 from __future__ import annotations
@@ -339,12 +342,25 @@ class _ServingModule(tf.Module):
         return factors
 
 
-def _bytes_per_pixel(generator) -> float:
-    """Memory of one Monte Carlo pass per HR pixel, from the traced graphs (see MonteCarloPredictor)."""
-    from .inference.mc import MonteCarloPredictor
+def _bytes_per_pixel(generator, size: int = 64) -> float:
+    """Memory of one whole-image Monte Carlo pass per HR pixel, read from the graphs traced at ``size``:
+    the repeated prefix features, the output and three copies of the largest activation (input, output
+    and a skip of a convolution stack), the estimate :class:`~microsr_tf.inference.mc.MonteCarloPredictor`
+    makes for whole-image passes."""
+    prefix = tf.function(generator.deterministic_prefix).get_concrete_function(
+        tf.TensorSpec([None, size, size, 1], tf.float32))
+    specs = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), prefix.structured_outputs)
+    suffix = tf.function(generator.stochastic_suffix).get_concrete_function(specs, tf.TensorSpec([None, 2], tf.int32))
 
-    size = 64
-    return MonteCarloPredictor(generator, samples=2).bytes_per_sample(size, size) / float(size * size)
+    def largest(graph) -> int:
+        sizes = [math.prod(t.shape[1:]) * t.dtype.size for op in graph.get_operations() for t in op.outputs
+                 if t.shape.rank and t.shape[0] is None and t.shape[1:].is_fully_defined()
+                 and (t.dtype.is_floating or t.dtype.is_integer or t.dtype == tf.bool)]
+        return max(sizes, default=0)
+
+    features = sum(math.prod(s.shape[1:]) * s.dtype.size for s in tf.nest.flatten(specs))
+    per_pass = features + size * size * 4 + 3 * max(largest(prefix.graph), largest(suffix.graph))
+    return per_pass / float(size * size)
 
 
 def export_saved_model(model_path: str | os.PathLike, base_dir: str | os.PathLike, version: int | None = None,

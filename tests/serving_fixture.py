@@ -16,6 +16,7 @@ import re
 import ssl
 import tempfile
 import threading
+import time
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -92,18 +93,19 @@ class LoopbackServer:
     ``tls=(key_pem, cert_pem)`` serves gRPC and REST over TLS; ``client_ca`` (PEM) then requires a
     client certificate signed by it. ``token`` requires ``authorization: Bearer <token>``; the values
     received are kept in ``seen_tokens``. ``stop_after=n`` answers ``n`` predict calls, then refuses
-    every further one with UNAVAILABLE and shuts down, as a server that goes away.
+    every further one with UNAVAILABLE and shuts down, as a server that goes away; ``delay`` makes
+    every call that many seconds slower.
     """
 
     def __init__(self, model_path, model_name: str = "microsr", *, tls: tuple[bytes, bytes] | None = None,
                  client_ca: bytes | None = None, token: str | None = None, stop_after: int | None = None,
-                 workers: int = 16, grpc_port: int = 0, rest_port: int = 0):
+                 workers: int = 16, grpc_port: int = 0, rest_port: int = 0, delay: float = 0.0):
         version_dir = find_version_dir(model_path)
         if version_dir is None:
             raise FileNotFoundError(f"no SavedModel under {model_path}")
         self.servable = _Servable(version_dir)
         self.model_name, self.version = model_name, int(version_dir.name) if version_dir.name.isdigit() else 1
-        self.token, self.seen_tokens = token, []
+        self.token, self.seen_tokens, self.delay = token, [], delay
         self.calls, self._left, self._stopped = 0, stop_after, False
         self._count_lock = threading.Lock()
 
@@ -116,7 +118,7 @@ class LoopbackServer:
         else:
             creds = grpc.ssl_server_credentials([tls], root_certificates=client_ca, require_client_auth=bool(client_ca))
             grpc_port = self._grpc.add_secure_port(f"127.0.0.1:{grpc_port}", creds)
-        self._http = ThreadingHTTPServer(("127.0.0.1", rest_port), _handler(self))
+        self._http = _HTTPServer(("127.0.0.1", rest_port), _handler(self))
         self._http.daemon_threads = True
         if tls is not None:
             self._http.socket = _server_ssl(tls, client_ca).wrap_socket(self._http.socket, server_side=True)
@@ -138,7 +140,8 @@ class LoopbackServer:
             raise Status(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
     def predict(self, model: str, version: int | None, signature: str, inputs: dict[str, np.ndarray]):
-        """TF-Serving's checks, then the session; outputs by name, or :class:`Status`."""
+        """TF-Serving's checks, then the session (after ``delay`` seconds); outputs by name, or :class:`Status`."""
+        time.sleep(self.delay)
         with self._count_lock:
             if self._stopped:
                 raise Status(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
@@ -195,6 +198,16 @@ class LoopbackServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """A client that hung up (a timeout, a refused TLS handshake) is not an error worth a traceback."""
+
+    def handle_error(self, request, client_address):
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):
+            super().handle_error(request, client_address)
 
 
 class _Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):

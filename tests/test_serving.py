@@ -202,3 +202,13 @@ def test_a_server_that_goes_away_mid_volume_gives_one_line_and_no_outputs(tmp_pa
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and f"server {srv.target(protocol)}" in errors[0] and "unavailable" in errors[0]
     assert not list((tmp_path / "out").glob("scan_*"))  # nothing at any final path
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_slow_server_ends_the_call_at_the_timeout_in_one_line(model, protocol):
+    with LoopbackServer(model[1], delay=3.0) as srv:
+        t0 = time.monotonic()
+        with ServingClient(srv.target(protocol), protocol=protocol, timeout=0.5) as client:
+            with pytest.raises(ServingError, match=r"gave no answer within 0.5 s \(--timeout\)"):
+                client.predict(np.zeros((1, 8, 8, 1), np.float32), samples=2, seed=0)
+        assert time.monotonic() - t0 < 2.5  # not retried

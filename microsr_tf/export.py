@@ -47,7 +47,8 @@ import tensorflow as tf
 from .errors import InputError
 from .files import atomic_directory
 from .inference.predict import FACTOR_TOLERANCE
-from .models.artifact import check_prediction_meta, generator_file, load_generator, meta_path_for, read_meta
+from .models.artifact import (GENERATOR_CLASSES, check_prediction_meta, generator_file, load_generator, meta_path_for,
+                              read_meta)
 from .models.dropout import image_seeds_tf
 from .models.generator import ResnetGenerator
 from .preprocessing import IntensityStats
@@ -401,6 +402,7 @@ def export_saved_model(model_path: str | os.PathLike, base_dir: str | os.PathLik
     names = [n for n in SIGNATURES if n != "mc_scanner" or meta.get("lr_stats")]
     full_meta = {**meta, "default_samples": int(samples), "max_samples": MAX_SAMPLES, "max_pixels": int(max_pixels),
                  "signatures": names, "tensorflow_version": tf.__version__,
+                 "generator_class": type(generator).__name__,
                  "generator_config": _json_config(generator.get_config())}
     module = _ServingModule(generator, full_meta, samples, max_pixels, memory_budget_mb)
     functions = {"serving_default": module.serve, "mc_seeded": module.serve_seeded,
@@ -430,8 +432,9 @@ def scanner_note(version_dir: str | os.PathLike) -> str | None:
 class SavedModelGenerator:
     """A loaded SavedModel export behind the generator interface the Monte Carlo engine uses."""
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, deterministic: bool = False):
         self._loaded = loaded
+        self.deterministic = deterministic  # a model without dropout: the engine makes one pass
 
     def deterministic_prefix(self, x):
         return tuple(self._loaded.prefix(tf.convert_to_tensor(x, tf.float32)))
@@ -477,15 +480,19 @@ def load_model(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     if not hasattr(loaded, "prefix") or not hasattr(loaded, "suffix"):
         raise InputError(version_dir, "SavedModel has no prefix/suffix functions: not a microsr-tf export")
     if "generator_config" in meta and hasattr(loaded, "generator_weights"):
-        return _rebuilt_generator(loaded, meta["generator_config"], version_dir), meta
-    return SavedModelGenerator(loaded), meta  # exports made before the config was stored
+        return _rebuilt_generator(loaded, meta, version_dir), meta
+    return SavedModelGenerator(loaded, deterministic=meta.get("deterministic") is True), meta  # exports made before the config was stored
 
 
-def _rebuilt_generator(loaded, config: dict[str, Any], version_dir: Path) -> ResnetGenerator:
+def _rebuilt_generator(loaded, meta: dict[str, Any], version_dir: Path):
     """The Keras generator with the export's weights: local prediction then runs its fused XLA kernels
     (the exported graphs trace them as plain ops for the stock server, several times slower on CPU)."""
+    classes = {cls.__name__: cls for cls in GENERATOR_CLASSES}
+    name = meta.get("generator_class", ResnetGenerator.__name__)
+    if name not in classes:
+        raise InputError(version_dir, f"the export holds a {name!r} generator, which this version cannot rebuild")
     try:
-        generator = ResnetGenerator.from_config(config)
+        generator = classes[name].from_config(meta["generator_config"])
         generator.build((None, None, None, 1))
         generator.set_weights([v.numpy() for v in loaded.generator_weights])
     except (ValueError, TypeError, KeyError) as exc:

@@ -325,8 +325,8 @@ def input_stats(vol: Volume, axis: int, factors: Sequence[float], meta: Mapping[
     """
     if normalize == "model":
         if not meta.get("lr_stats"):
-            raise ConfigError("this model stores no LR statistics (trained before they were recorded); "
-                              "use normalize='volume'")
+            raise ConfigError("this model stores no LR statistics (a supervised baseline reads no LR voxels, "
+                              "and models trained before they were recorded lack them); use normalize='volume'")
         return IntensityStats.from_dict(meta["lr_stats"])
     if normalize != "volume":
         raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {normalize!r}")

@@ -1,4 +1,5 @@
-"""``microsr-tf train``: train the CycleGAN on unpaired LR and HR NIfTI folders into a run directory."""
+"""``microsr-tf train``: train the CycleGAN on unpaired LR and HR NIfTI folders (or a supervised
+U-Net/SRGAN baseline on degraded HR patches) into a run directory."""
 
 from __future__ import annotations
 
@@ -6,13 +7,20 @@ import os
 
 import click
 
-from microsr_tf.config import DROPOUT_POSITIONS, GAN_LOSSES, PRECISIONS, STRATEGIES, UPSAMPLE_KINDS, Config
+from microsr_tf.config import DROPOUT_POSITIONS, GAN_LOSSES, METHODS, PRECISIONS, STRATEGIES, UPSAMPLE_KINDS, Config
 
 from ._common import option_values, plural, user_errors
 
 # (flag, config section, key, click type, help, what a None default means); the help ends with the
 # config's own default, so the two cannot drift apart
 _FLAGS = [
+    ("--method", "model", "method", click.Choice(METHODS),
+     "cyclegan: the paper's unpaired CycleGAN with MC dropout; unet, srgan: the paper's supervised baselines, "
+     "trained on HR patches degraded to the LR voxel size (the LR folder gives the spacing only).", None),
+    ("--degradation-noise", "data", "degradation_noise", float,
+     "unet/srgan: std of the Gaussian noise added on the LR grid, normalised units.", None),
+    ("--srgan-adv-weight", "train", "srgan_adv_weight", float, "srgan: adversarial weight next to the pixel MSE.",
+     None),
     ("--epochs", "train", "epochs", int, "Epochs to train (total, counting resumed ones).", None),
     ("--batch-size", "train", "batch_size", int, "Global batch size, split over replicas.", None),
     ("--steps-per-epoch", "train", "steps_per_epoch", int, "Steps per epoch.", "one pass over the smaller patch set"),
@@ -73,8 +81,8 @@ def overrides_from_flags(flags: dict) -> dict:
 
 @click.command("train")
 @click.option("--lr-dir", metavar="DIR",
-              help="Folder of clinical (low-resolution) volumes: NIfTI files and/or one subfolder per DICOM series. "
-                   "With --resume: the run's own, unless given.")
+              help="Folder of clinical (low-resolution) volumes: NIfTI files and/or one subfolder per DICOM series "
+                   "(unet/srgan: read for their voxel size only). With --resume: the run's own, unless given.")
 @click.option("--hr-dir", metavar="DIR",
               help="Folder of micro-CT (high-resolution) volumes: NIfTI files and/or one subfolder per DICOM series. "
                    "With --resume: the run's own, unless given.")
@@ -90,7 +98,8 @@ def overrides_from_flags(flags: dict) -> dict:
 @_flag_options
 @user_errors
 def command(lr_dir, hr_dir, run_dir, config_path, resume, **flags):
-    """Train the CycleGAN (G_L: LR -> HR) on unpaired LR and HR NIfTI folders.
+    """Train the CycleGAN (G_L: LR -> HR) on unpaired LR and HR NIfTI folders, or with --method unet|srgan
+    a supervised baseline on HR patches paired with their synthetic degradation.
 
     Watch it with `tensorboard --logdir RUN_DIR/logs`; a killed run continues with
     `microsr-tf train --out RUN_DIR --resume`.
@@ -105,7 +114,8 @@ def command(lr_dir, hr_dir, run_dir, config_path, resume, **flags):
     result = train(cfg, lr_dir, hr_dir, run_dir, resume=resume)
     click.echo(f"Trained {plural(result.steps, 'step')} ({plural(result.epochs, 'epoch')}): {result.generator_path}")
     if result.best_generator_path is not None:
-        click.echo(f"Best epoch (mean cycle loss {result.best_cycle_loss:.4f}): {result.best_generator_path}")
+        loss = "cycle loss" if cfg.model.method == "cyclegan" else "pixel loss"
+        click.echo(f"Best epoch (mean {loss} {result.best_cycle_loss:.4f}): {result.best_generator_path}")
     drawn = [f"{name}.seed {value}" for name, value in result.seeds.items() if getattr(cfg, name).seed is None]
     if drawn:
         click.echo(f"Seeds drawn for this run (set them to repeat it): {', '.join(drawn)}")

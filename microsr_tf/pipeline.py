@@ -5,6 +5,7 @@ are mapped to [0, 1] with the volume's statistics, the slice is cropped to its f
 into ``patch_size`` patches at ``stride``; patches with too little foreground are dropped (paper,
 section 3). Which patches exist is decided once, by an index pass over cheap native-resolution masks;
 the streams then read exactly those patches, so patch counts, NIfTI streams and shards always agree.
+:func:`make_hr_patches` gives the HR stream alone, for the supervised baselines.
 """
 
 from __future__ import annotations
@@ -121,33 +122,40 @@ class TrainingData:
         (``strategy.distribute_datasets_from_function``) batches are per replica and each input
         pipeline reads its own share of the data.
         """
-        if self.cfg.seed is None:
-            raise ValueError("TrainingData.dataset needs cfg.seed (the trainer draws one when data.seed is null)")
-        batch = per_pipeline = int(global_batch_size)
-        pipeline, n_pipelines = 0, 1
-        if input_context is not None:
-            batch = input_context.get_per_replica_batch_size(per_pipeline)
-            pipeline, n_pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
-            per_pipeline //= n_pipelines
-        streams = []
-        for stream_id, source in enumerate((self._lr_source, self._hr_source)):
-            seed = _derive_seed(self.cfg.seed, stream_id)
-            counts = source.unit_counts
-            start = int(start_step) * per_pipeline
-            if n_pipelines > 1 and len(counts) >= n_pipelines:  # each pipeline reads its own units
-                units = np.arange(pipeline, len(counts), n_pipelines)
-                patches = positioned_patches(counts[units], lambda u, o, units=units, source=source:
-                                             source.load(units[u], o), _derive_seed(seed, pipeline), start,
-                                             self.cfg.shuffle_buffer, self.patch_size)
-            else:  # one stream, each pipeline taking every n-th patch of it
-                patches = positioned_patches(counts, source.load, seed, start * n_pipelines + pipeline,
-                                             self.cfg.shuffle_buffer, self.patch_size)
-                patches = patches.shard(n_pipelines, 0)
-            streams.append(patches.batch(batch, drop_remainder=True))
+        streams = [_batched_stream(source, stream_id, self.cfg, self.patch_size, global_batch_size, input_context,
+                                   start_step) for stream_id, source in enumerate((self._lr_source, self._hr_source))]
         ds = tf.data.Dataset.zip(tuple(streams)).prefetch(tf.data.AUTOTUNE)
         options = tf.data.Options()
         options.deterministic = True
         return ds.with_options(options)
+
+
+def _batched_stream(source: "_NiftiSource | _ShardSource", stream_id: int, cfg: DataConfig, patch: int,
+                    global_batch_size: int, input_context: tf.distribute.InputContext | None,
+                    start_step: int) -> tf.data.Dataset:
+    """Batches of one source (stream 0: LR, 1: HR) from global step ``start_step`` on; with an
+    ``input_context``, this input pipeline's per-replica batches of its own share of the data."""
+    if cfg.seed is None:
+        raise ValueError("a training stream needs data.seed (the trainer draws one when it is null)")
+    batch = per_pipeline = int(global_batch_size)
+    pipeline, n_pipelines = 0, 1
+    if input_context is not None:
+        batch = input_context.get_per_replica_batch_size(per_pipeline)
+        pipeline, n_pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
+        per_pipeline //= n_pipelines
+    seed = _derive_seed(cfg.seed, stream_id)
+    counts = source.unit_counts
+    start = int(start_step) * per_pipeline
+    if n_pipelines > 1 and len(counts) >= n_pipelines:  # each pipeline reads its own units
+        units = np.arange(pipeline, len(counts), n_pipelines)
+        patches = positioned_patches(counts[units], lambda u, o: source.load(units[u], o),
+                                     _derive_seed(seed, pipeline), start, cfg.shuffle_buffer, patch)
+    else:  # one stream, each pipeline taking every n-th patch of it
+        patches = positioned_patches(counts, source.load, seed, start * n_pipelines + pipeline, cfg.shuffle_buffer,
+                                     patch)
+        if n_pipelines > 1:
+            patches = patches.shard(n_pipelines, 0)
+    return patches.batch(batch, drop_remainder=True)
 
 
 def _derive_seed(seed: int, *salt: int) -> int:
@@ -492,3 +500,75 @@ def _shard_training_data(shards_dir: Path, cfg: DataConfig, n_val: int) -> Train
         n_lr_patches=int(index["counts"]["lr"]), n_hr_patches=int(index["counts"]["hr"]),
         val_lr=val["lr"], val_hr=val["hr"], patch_size=p, cfg=cfg,
         _lr_source=sources["lr"], _hr_source=sources["hr"])
+
+
+
+# ---------------------------------------------------------------------------------------------- HR only
+
+
+@dataclass
+class HRPatches:
+    """The HR patch stream alone, with the LR folder's spacing: what supervised training reads.
+
+    The LR volumes are opened for their in-plane spacing (which sets the degradation factors) and
+    nothing else; no LR slice is read.
+    """
+
+    lr_files: list[Path]
+    hr_files: list[Path]
+    lr_spacing: tuple[float, float]
+    hr_spacing: tuple[float, float]
+    factors: tuple[float, float]  # lr / hr spacing
+    hr_stats: IntensityStats
+    n_patches: int
+    val: np.ndarray  # fixed [n_val, p, p, 1] float32 patches for image panels
+    patch_size: int
+    cfg: DataConfig
+    _source: "_NiftiSource | _ShardSource" = dataclasses.field(repr=False)
+
+    def steps_per_epoch(self, global_batch_size: int) -> int:
+        """One pass over the HR patches: ``n // batch``, at least 1."""
+        return max(1, self.n_patches // int(global_batch_size))
+
+    def dataset(self, global_batch_size: int, input_context: tf.distribute.InputContext | None = None,
+                start_step: int = 0) -> tf.data.Dataset:
+        """Infinite ``[B, p, p, 1]`` float32 HR batches from step ``start_step`` on, the HR stream of
+        :class:`TrainingData` (deterministic by position; ``cfg.seed`` must be set)."""
+        ds = _batched_stream(self._source, 1, self.cfg, self.patch_size, global_batch_size, input_context, start_step)
+        options = tf.data.Options()
+        options.deterministic = True
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def make_hr_patches(lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLike | None, cfg: DataConfig,
+                    n_val: int = 4) -> HRPatches:
+    """Index the HR folder's patches (or open ``cfg.shards_dir``'s HR shards) and read the LR spacing.
+
+    Every user mistake raises a one-line :class:`InputError`, as :func:`make_training_data`.
+    """
+    cfg.validate()
+    if cfg.shards_dir is not None:
+        shards_dir = Path(cfg.shards_dir)
+        index = read_shard_index(shards_dir)
+        if index["patch_size"] != cfg.patch_size:
+            raise InputError(shards_dir / INDEX_NAME, f"shards hold {index['patch_size']} px patches but "
+                                                      f"data.patch_size is {cfg.patch_size}")
+        entries = index["shards"]["hr"]
+        source = _ShardSource([shards_dir / e["file"] for e in entries], [e["count"] for e in entries],
+                              cfg.patch_size, index["dtype"])
+        n = int(index["counts"]["hr"])
+        return HRPatches(
+            lr_files=[Path(f) for f in index["lr_files"]], hr_files=[Path(f) for f in index["hr_files"]],
+            lr_spacing=tuple(index["lr_spacing"]), hr_spacing=tuple(index["hr_spacing"]),
+            factors=tuple(index["factors"]), hr_stats=IntensityStats.from_dict(index["hr_stats"]), n_patches=n,
+            val=source.by_position(_val_positions(n, n_val)),
+            patch_size=cfg.patch_size, cfg=cfg, _source=source)
+    lr_paths, lr_spacing = _folder_volumes(lr_dir, "LR", cfg.axis)
+    hr_paths, hr_spacing = _folder_volumes(hr_dir, "HR", cfg.axis)
+    factors = check_coarser(lr_dir, lr_spacing, hr_spacing)
+    hr = _index_domain("HR", hr_dir, hr_paths, hr_spacing, None, cfg)
+    return HRPatches(
+        lr_files=lr_paths, hr_files=hr.paths, lr_spacing=lr_spacing, hr_spacing=hr.spacing, factors=factors,
+        hr_stats=combine_stats(hr.stats), n_patches=hr.n_patches,
+        val=hr.patches_by_position(_val_positions(hr.n_patches, n_val)), patch_size=cfg.patch_size, cfg=cfg,
+        _source=_NiftiSource(hr))

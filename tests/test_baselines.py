@@ -228,7 +228,7 @@ def test_train_resume_predict_export_end_to_end(method, phantoms, tmp_path):
     code, text = _run("train", "--method", method, "--lr-dir", str(phantoms / "lr"), "--hr-dir",
                       str(phantoms / "hr"), "--out", str(run), "--epochs", "1", *flags)
     assert code == 0, text
-    assert "Trained 3 steps (1 epochs)" in text and "Best epoch (mean pixel loss" in text
+    assert "Trained 3 steps (1 epoch)" in text and "Best epoch (mean pixel loss" in text
     assert (run / "generator_best.keras").is_file() and (run / "generator_best.meta.json").is_file()
     meta = json.loads((run / "generator.meta.json").read_text())
     assert meta["method"] == method and meta["deterministic"] is True and meta["factors"] == [8.0, 8.0]
@@ -250,8 +250,8 @@ def test_train_resume_predict_export_end_to_end(method, phantoms, tmp_path):
 
     code, text = _run("train", "--out", str(run), "--resume", "--method", "cyclegan")
     assert code != 0 and text.strip().splitlines() == [
-        f"Error: {run / 'config.yaml'}: model.method was '{method}' in the checkpointed run, "
-        "cannot resume with 'cyclegan'"]
+        f"Error: {run / 'config.yaml'}: model.method was '{method}' in this run and is 'cyclegan' now; that changes "
+        f"what the resumed steps compute, so keep '{method}' or start a new run"]
     code, text = _run("train", "--lr-dir", str(phantoms / "lr"), "--hr-dir", str(phantoms / "hr"), "--out",
                       str(run), "--resume", "--epochs", "2")
     assert code == 0, text

@@ -97,8 +97,8 @@ def test_nullable_keys_come_from_the_annotations(tmp_path):
     """`int | None` keys take null; a seed of null means "draw one at the start of the run"."""
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  seed: null\n  steps_per_epoch: null\n  decay_start_epoch: 3\n"
-                    "data:\n  seed: null\n  roi_threshold: 12\n  lr_dir: scans/lr\n")
+                    "data:\n  seed: null\n  roi_threshold_lr: 12\n  lr_dir: scans/lr\n")
     cfg = Config.load(path)
     assert cfg.train.seed is None and cfg.data.seed is None and cfg.train.steps_per_epoch is None
     assert cfg.train.decay_start_epoch == 3 and cfg.data.lr_dir == "scans/lr"
-    assert cfg.data.roi_threshold == 12.0 and isinstance(cfg.data.roi_threshold, float)
+    assert cfg.data.roi_threshold_lr == 12.0 and isinstance(cfg.data.roi_threshold_lr, float)

@@ -55,10 +55,18 @@ def test_remote_predict_writes_the_files_local_predict_writes(tmp_path, setup, p
         np.testing.assert_array_equal(remote.affine, local.affine)
         # float32 rounding: the server runs plain ops where local prediction runs fused XLA kernels; a
         # variance of nearly equal samples magnifies it, and in paper mode so do the slopes of the
-        # histogram maps and the median filter's choice between nearly tied neighbours
-        scale = float(np.abs(local.get_fdata()).max())
-        tolerance = 2e-5 if key == "mean" else (1e-4 if stitch == "whole" else 1e-3)
-        np.testing.assert_allclose(remote.get_fdata(), local.get_fdata(), rtol=0, atol=tolerance * scale)
+        # histogram maps
+        a, b = remote.get_fdata(), local.get_fdata()
+        scale = float(np.abs(b).max())
+        tolerance = (2e-5 if key == "mean" else (1e-4 if stitch == "whole" else 1e-3)) * scale
+        if stitch == "whole":
+            np.testing.assert_allclose(a, b, rtol=0, atol=tolerance)
+        else:
+            # the paper's median filter is discontinuous: where two candidates are nearly tied, a rounding
+            # difference picks the other one and the voxel (with its neighbours sharing that window) jumps.
+            # Such voxels are rare; another seed or model would move nearly all of them
+            off = np.abs(a - b) > tolerance
+            assert off.mean() < 0.005, f"{key}: {off.mean():.2%} of voxels differ"
 
 
 def test_server_options_that_cannot_apply_are_refused(tmp_path, setup):

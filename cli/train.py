@@ -23,6 +23,7 @@ _OVERRIDES = {
     "lambda_rec": ("train", "lambda_rec"),
     "lambda_adv": ("train", "lambda_adv"),
     "lambda_identity": ("train", "lambda_identity"),
+    "lambda_lr_consistency": ("train", "lambda_lr_consistency"),
     "pool_size": ("train", "pool_size"),
     "checkpoint_every": ("train", "checkpoint_every"),
     "log_every": ("train", "log_every"),
@@ -77,6 +78,8 @@ def overrides_from_flags(flags: dict) -> dict:
 @click.option("--lambda-rec", type=float, help="Weight of the cycle (self-reconstruction) loss.  [default: 10]")
 @click.option("--lambda-adv", type=float, help="Weight of the adversarial loss.  [default: 1]")
 @click.option("--lambda-identity", type=float, help="Identity loss weight relative to lambda-rec.  [default: 0]")
+@click.option("--lambda-lr-consistency", type=float, help="Weight of the LR-consistency loss (beyond the paper): "
+              "1 - correlation of G_L(x) and x, and of G_H(y) and y, on the LR grid.  [default: 0]")
 @click.option("--pool-size", type=int, help="History of fakes shown to the critics (0: none).  [default: 0]")
 @click.option("--ngf", type=int, help="Generator base filters.  [default: 64]")
 @click.option("--n-blocks", type=int, help="Residual blocks in the generator.  [default: 9]")

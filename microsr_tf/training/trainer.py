@@ -160,7 +160,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
         make_output_dir(out_dir)
         cfg.save(out_dir / CONFIG_FILE)
         with strategy.scope():
-            model = build_cyclegan(cfg.model, tc, cfg.data.patch_size)
+            model = build_cyclegan(cfg.model, tc, cfg.data.patch_size, data.factors)
             # No whole-step XLA (Keras' "auto" would turn it on for one GPU): it measured no faster on
             # CPU and blew up compile time and memory around the generator's own XLA-fused kernels.
             model.compile(make_optimizer(tc, steps_per_epoch, "g_adam"),

@@ -1,4 +1,4 @@
-"""``microsr-tf predict``: super-resolve NIfTI volumes into posterior mean and variance volumes."""
+"""``microsr-tf predict``: super-resolve NIfTI volumes or DICOM series into posterior mean and variance volumes."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class _Progress:
 
 
 @click.command("predict")
-@click.argument("inputs", nargs=-1, required=True, metavar="INPUT.nii[.gz]...")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--model", "model_path", required=True, metavar="PATH",
               help="Trained generator: a training run directory, a .keras file or an exported SavedModel.")
 @click.option("--out-dir", required=True, metavar="DIR",
@@ -108,14 +108,19 @@ class _Progress:
 @click.option("--normalize", type=click.Choice(["volume", "model"]), default="volume", show_default=True,
               help="LR intensity statistics: the scan's own (as the paper and training do), or the training "
                    "scans' pooled statistics stored with the model (for scans too small to describe themselves).")
+@click.option("--resample-input", is_flag=True,
+              help="Accept a scan whose in-plane spacing is not the model's LR spacing: resample it to that "
+                   "spacing first (bicubic, anti-aliased when it gets coarser), then super-resolve at the trained "
+                   "factor. Outputs are on the model's HR spacing; their NIfTI description records the resampling.")
 @user_errors
 def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_budget, roi_text, axis,
-            write_std, percentiles_text, preview, precision, normalize) -> None:
+            write_std, percentiles_text, preview, precision, normalize, resample_input) -> None:
     """Super-resolve INPUT volumes into posterior mean and variance NIfTI volumes (paper eq. 4).
 
-    Each input is read slice by slice, upsampled to the model's HR spacing, normalised, predicted T
-    times with Monte Carlo dropout and written as NAME_mean.nii.gz (HR intensity units) and
-    NAME_var.nii.gz (their square) with the matching affine.
+    An INPUT is a NIfTI volume (.nii, .nii.gz) or a folder holding one DICOM series. Each input is
+    read slice by slice, upsampled to the model's HR spacing, normalised, predicted T times with
+    Monte Carlo dropout and written as NAME_mean.nii.gz (HR intensity units) and NAME_var.nii.gz
+    (their square) with the matching affine.
     """
     roi = parse_roi(roi_text)
     percentiles = parse_percentiles(percentiles_text)
@@ -129,7 +134,8 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_bud
 
     memory_budget = resolve_memory_budget(memory_budget)
     generator, meta = load_model(model_path)
-    plans = [plan_volume(path, meta, roi=roi, axis=axis) for path in inputs]  # refuse bad inputs up front
+    plans = [plan_volume(path, meta, roi=roi, axis=axis, resample_input=resample_input)
+             for path in inputs]  # refuse bad inputs up front
     seen: dict[str, str] = {}
     for plan in plans:
         if plan.name in seen:
@@ -146,7 +152,8 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_bud
             result = predict_volume(plan.input_path, generator, meta, out_dir, samples=samples, seed=seed,
                                     stitch=stitch, tile=tile, memory_budget=memory_budget, roi=roi,
                                     axis=axis, write_std=write_std, percentiles=percentiles, preview=preview,
-                                    progress=progress, precision=precision, normalize=normalize)
+                                    progress=progress, precision=precision, normalize=normalize,
+                                    resample_input=resample_input)
         finally:
             progress.close()
         for path in result.outputs.values():

@@ -8,8 +8,10 @@ from ._common import user_errors
 
 
 @click.command("prepare")
-@click.option("--lr-dir", required=True, metavar="DIR", help="Folder of clinical (low-resolution) NIfTI volumes.")
-@click.option("--hr-dir", required=True, metavar="DIR", help="Folder of micro-CT (high-resolution) NIfTI volumes.")
+@click.option("--lr-dir", required=True, metavar="DIR",
+              help="Folder of clinical (low-resolution) volumes: NIfTI files and/or one subfolder per DICOM series.")
+@click.option("--hr-dir", required=True, metavar="DIR",
+              help="Folder of micro-CT (high-resolution) volumes: NIfTI files and/or one subfolder per DICOM series.")
 @click.option("--out", "out_dir", required=True, metavar="SHARDS_DIR",
               help="New folder for the shards and index.json (must not exist or be empty).")
 @click.option("--patch-size", type=int, help="Training patch size in pixels.  [default: 256]")

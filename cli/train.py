@@ -53,8 +53,10 @@ def overrides_from_flags(flags: dict) -> dict:
 
 
 @click.command("train")
-@click.option("--lr-dir", metavar="DIR", help="Folder of clinical (low-resolution) NIfTI volumes.")
-@click.option("--hr-dir", metavar="DIR", help="Folder of micro-CT (high-resolution) NIfTI volumes.")
+@click.option("--lr-dir", metavar="DIR",
+              help="Folder of clinical (low-resolution) volumes: NIfTI files and/or one subfolder per DICOM series.")
+@click.option("--hr-dir", metavar="DIR",
+              help="Folder of micro-CT (high-resolution) volumes: NIfTI files and/or one subfolder per DICOM series.")
 @click.option("--out", "run_dir", required=True, metavar="RUN_DIR",
               help="Run directory: config.yaml, logs/, checkpoints/, generator.keras. Must be new or empty.")
 @click.option("--config", "config_path", metavar="FILE.yaml",

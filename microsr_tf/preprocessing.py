@@ -64,9 +64,22 @@ def _keys(t: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=32)
 def _cubic_matrix(n: int, f: float) -> scipy.sparse.csr_matrix:
-    """Sparse ``(round(n f), n)`` matrix sampling a length-``n`` signal at ``(j + 0.5) / f - 0.5``."""
+    """Sparse ``(round(n f), n)`` matrix sampling a length-``n`` signal at ``(j + 0.5) / f - 0.5``.
+
+    For ``f < 1`` (downsampling) the kernel is stretched by ``1 / f`` and each row's weights are
+    normalised to sum to 1, so it low-passes at the new grid's Nyquist frequency instead of aliasing
+    (the antialiasing of MATLAB's ``imresize`` and Pillow's bicubic ``resize``).
+    """
     m = resampled_shape((n, 1, 1), -1, (f, 1.0))[0]
     x = (np.arange(m) + 0.5) / f - 0.5
+    if f < 1.0:
+        width = int(np.ceil(4.0 / f)) + 1
+        taps = np.floor(x - 2.0 / f).astype(np.int64)[:, None] + np.arange(1, width + 1)[None, :]
+        weights = _keys((x[:, None] - taps) * f)
+        weights /= weights.sum(axis=1, keepdims=True)
+        cols = np.clip(taps, 0, n - 1)
+        rows = np.repeat(np.arange(m), width)
+        return scipy.sparse.csr_matrix((weights.ravel(), (rows, cols.ravel())), shape=(m, n))
     base = np.floor(x).astype(np.int64)
     taps = base[:, None] + np.arange(-1, 3)[None, :]
     weights = _keys(x[:, None] - taps)
@@ -76,12 +89,13 @@ def _cubic_matrix(n: int, f: float) -> scipy.sparse.csr_matrix:
 
 
 def resample_slice(slice2d: np.ndarray, factors: Sequence[float]) -> np.ndarray:
-    """Bicubic in-plane refinement onto the grid of :func:`~microsr_tf.volumes.resampled_affine`.
+    """Bicubic in-plane resampling onto the grid of :func:`~microsr_tf.volumes.resampled_affine`.
 
     Output pixel ``(j0, j1)`` is the Keys (a = -0.5) cubic interpolant at input position
     ``((j0 + 0.5) / f0 - 0.5, (j1 + 0.5) / f1 - 0.5)`` with the border replicated, computed as two
-    sparse 4-tap matrix products in float64. OpenCV is not used: its bicubic fixes a = -0.75, which
-    bends linear ramps, and ``warpAffine`` rounds sample positions to 1/32 pixel.
+    sparse 4-tap matrix products in float64. A factor below 1 coarsens that axis, anti-aliased by
+    the kernel stretched by ``1 / f`` (see :func:`_cubic_matrix`). OpenCV is not used: its bicubic
+    fixes a = -0.75, which bends linear ramps, and ``warpAffine`` rounds sample positions to 1/32 pixel.
     """
     img = np.asarray(slice2d)
     if img.ndim != 2:

@@ -1,4 +1,7 @@
-"""NIfTI volumes in and out: lazy slice-by-slice reading with validation, resampled grids, atomic writing.
+"""Volumes in and out: lazy slice-by-slice reading with validation, resampled grids, atomic NIfTI writing.
+
+Inputs are NIfTI files or folders holding one DICOM series (:mod:`microsr_tf.dicom`); both open as a
+:class:`Volume` through :func:`open_volume`. Outputs are always NIfTI.
 
 Reading never loads a whole volume: slices come through nibabel's array proxy, so a 1828^3 micro-CT
 (12 GB as int16) streams in bounded memory. Slices along the last axis are contiguous on disk and are
@@ -74,7 +77,8 @@ class Volume:
     """A validated 3-D NIfTI volume whose voxels are read lazily, one slice at a time.
 
     Create with :func:`open_volume`. Slices are 2-D ``float32`` arrays with ``scl_slope``/``scl_inter``
-    applied; a slice holding NaN or Inf raises :class:`InputError`. A ``.nii.gz`` keeps one
+    applied; a slice holding NaN or Inf raises :class:`InputError`. Other formats subclass it and
+    override ``_read_last``/``_gather`` (:class:`microsr_tf.dicom.DicomSeries`). A ``.nii.gz`` keeps one
     decompression stream open, so reading slices in increasing order along the last axis costs one
     pass over the file; call :meth:`close` (or use ``with``) to release it early.
     """
@@ -200,7 +204,8 @@ class Volume:
 
 
 def open_volume(path: str | os.PathLike) -> Volume:
-    """Open and validate a 3-D NIfTI-1/NIfTI-2 volume (``.nii`` or ``.nii.gz``) without reading its voxels.
+    """Open and validate a 3-D volume without reading its voxels: a NIfTI-1/NIfTI-2 file (``.nii`` or
+    ``.nii.gz``), or a folder holding one DICOM series (:func:`microsr_tf.dicom.open_series`).
 
     Raises InputError for a missing file, a file that is not NIfTI, a truncated file, a true 4-D,
     2-D or >4-D image, a zero-length axis, non-positive spacing, or complex/RGB/non-numeric voxels.
@@ -209,8 +214,12 @@ def open_volume(path: str | os.PathLike) -> Volume:
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found")
+    if path.is_dir():
+        from .dicom import open_series  # pydicom is imported only when a series is opened
+
+        return open_series(path)
     if not path.is_file():
-        raise InputError(path, "not a file (expected a .nii or .nii.gz volume)")
+        raise InputError(path, "not a file (expected a .nii or .nii.gz volume, or a DICOM series folder)")
     if not is_nifti_name(path):
         raise InputError(path, "not a NIfTI file name (expected .nii or .nii.gz)")
     try:
@@ -314,17 +323,34 @@ def _check_complete(path: Path, img: nib.Nifti1Image, dtype: np.dtype) -> None:
 
 
 def find_volumes(directory: str | os.PathLike) -> list[Path]:
-    """Sorted ``.nii``/``.nii.gz`` files directly in ``directory`` (hidden files ignored); InputError if none."""
+    """The volumes of a training folder, sorted by name (hidden entries ignored); InputError if none.
+
+    Each ``.nii``/``.nii.gz`` file directly in ``directory`` is one volume, and so is each subfolder,
+    which must hold one DICOM series (checked when it is opened). Other files are ignored.
+    """
     directory = Path(directory)
     if not directory.exists():
         raise InputError(directory, "directory not found")
     if not directory.is_dir():
         raise InputError(directory, "not a directory")
-    found = sorted(p for p in directory.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and is_nifti_name(p))
+    entries = [p for p in directory.iterdir() if not p.name.startswith(".")]
+    found = sorted(p for p in entries if p.is_dir() or (p.is_file() and is_nifti_name(p)))
     if not found:
-        raise InputError(directory, "no .nii or .nii.gz volumes found")
+        if any(p.is_file() and _has_dicom_marker(p) for p in entries):
+            raise InputError(directory, "holds DICOM files but no series subfolders; put each series in its own "
+                                        "subfolder (one subfolder is one volume)")
+        raise InputError(directory, "no .nii or .nii.gz volumes or DICOM series subfolders found")
     return found
+
+
+def _has_dicom_marker(path: Path) -> bool:
+    """True for a DICOM Part 10 file: ``DICM`` after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def _scaled_size(n: int, f: float) -> int:
@@ -361,11 +387,12 @@ class VolumeWriter:
     a ``.nii.gz`` target is stream-compressed into a second temp file; the finished file is then
     ``os.replace``-d into place. An exception inside the ``with``, :meth:`abort`, or slices left
     unwritten remove the temp files and leave nothing at ``path``. qform/sform codes and xyzt units
-    are copied from a template ``header`` when given.
+    are copied from a template ``header`` when given; ``description`` (at most 80 ASCII characters)
+    goes into the header's ``descrip`` field.
     """
 
     def __init__(self, path: str | os.PathLike, shape: Sequence[int], affine: np.ndarray, axis: int = -1,
-                 header: Nifti1Header | None = None, dtype: np.dtype | type = np.float32):
+                 header: Nifti1Header | None = None, dtype: np.dtype | type = np.float32, description: str = ""):
         self.path = Path(path)
         if not is_nifti_name(self.path):
             raise InputError(self.path, "output name must end in .nii or .nii.gz")
@@ -376,6 +403,9 @@ class VolumeWriter:
             raise ValueError(f"shape must be three positive sizes, got {tuple(shape)}")
         self.axis = _normalize_axis(axis)
         hdr = _output_header(self.shape, np.asarray(affine, dtype=np.float64), np.dtype(dtype), header)
+        if len(description.encode("ascii")) > 80:
+            raise ValueError(f"description must be at most 80 characters, got {len(description)}")
+        hdr["descrip"] = description.encode("ascii")
         fd, tmp = _create_temp(self.path, ".nii.part")
         self._temps = [tmp]
         self._cleanup = weakref.finalize(self, _remove_all, self._temps)

@@ -299,8 +299,8 @@ def test_missing_file_and_wrong_kind_of_path(tmp_path):
         open_volume(tmp_path / "absent.nii.gz")
     assert_one_line_naming(exc, tmp_path / "absent.nii.gz")
     assert exc.value.problem == "file not found"
-    (tmp_path / "dir.nii").mkdir()
-    with pytest.raises(InputError, match="not a file"):
+    (tmp_path / "dir.nii").mkdir()  # a folder is read as a DICOM series: this one holds nothing
+    with pytest.raises(InputError, match="is empty; expected the files of one DICOM series"):
         open_volume(tmp_path / "dir.nii")
     save(tmp_path / "scan.img", np.zeros((2, 2, 2), np.float32), cls=nib.Nifti1Pair)
     with pytest.raises(InputError, match="not a NIfTI file name"):
@@ -351,8 +351,8 @@ def test_slice_index_out_of_range(tmp_path):
 def test_find_volumes_sorted_and_filtered(tmp_path):
     for name in ("b.nii.gz", "a.nii", "C.NII.GZ", "notes.txt", ".hidden.nii", "scan.nii.gz.part"):
         (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "sub.nii").mkdir()
-    assert [p.name for p in find_volumes(tmp_path)] == ["C.NII.GZ", "a.nii", "b.nii.gz"]
+    (tmp_path / "series").mkdir()  # a subfolder is one volume: a DICOM series
+    assert [p.name for p in find_volumes(tmp_path)] == ["C.NII.GZ", "a.nii", "b.nii.gz", "series"]
 
 
 def test_find_volumes_refusals(tmp_path):

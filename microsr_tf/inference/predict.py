@@ -1,8 +1,10 @@
-"""Whole-volume prediction: an LR NIfTI in, posterior mean and variance NIfTI volumes out (paper eq. 4).
+"""Whole-volume prediction: an LR volume in, posterior mean and variance NIfTI volumes out (paper eq. 4).
 
 Each slice is read, resampled in-plane to the model's HR spacing and normalised with the volume's
 statistics (as in training), predicted with Monte Carlo dropout plus stitching, mapped back to HR
-units and written at once, so peak memory does not grow with the number of slices.
+units and written at once, so peak memory does not grow with the number of slices. A scan at another
+in-plane spacing than the model's LR scans is refused, or, with ``resample_input``, first resampled
+to that spacing (:class:`InputResampling`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,41 @@ SliceEngine = Callable[[np.ndarray, int], MCResult]  # (normalised HR-grid slice
 
 
 @dataclass(frozen=True)
+class InputResampling:
+    """A scan brought from its own in-plane spacing to the model's LR spacing before super-resolution.
+
+    Bicubic (Keys, a = -0.5) on edge-aligned grids, as :func:`~microsr_tf.preprocessing.resample_slice`;
+    an axis that gets coarser is anti-aliased by the kernel stretched by the coarsening ratio.
+    """
+
+    from_spacing: tuple[float, float]  # the scan's in-plane spacing, mm
+    to_spacing: tuple[float, float]  # the model's trained LR in-plane spacing, mm
+
+    @property
+    def factors(self) -> tuple[float, float]:
+        """Old / new spacing per in-plane axis: below 1 the axis is coarsened, above 1 refined."""
+        return tuple(a / b for a, b in zip(self.from_spacing, self.to_spacing))
+
+    def apply(self, slice2d: np.ndarray) -> np.ndarray:
+        """One in-plane slice at the scan's spacing -> the same field of view at the model's LR spacing."""
+        return resample_slice(slice2d, self.factors)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"from_spacing_mm": list(self.from_spacing), "to_spacing_mm": list(self.to_spacing),
+                "factors": list(self.factors),
+                "method": "Keys bicubic (a = -0.5), kernel stretched by the ratio on coarsened axes"}
+
+    def description(self) -> str:
+        """The NIfTI ``descrip`` of the outputs, shortened for spacings too long to fit its 80 characters."""
+        src, dst = _fmt(self.from_spacing, "x"), _fmt(self.to_spacing, "x")
+        for text in (f"microsr-tf: input {src} mm resampled to {dst} mm (bicubic)",
+                     f"microsr-tf: input {src} mm resampled to {dst} mm", f"microsr-tf: input resampled to {dst} mm"):
+            if len(text) <= 80:
+                return text
+        return "microsr-tf: input resampled to the model's LR spacing"
+
+
+@dataclass(frozen=True)
 class VolumePlan:
     """What will be predicted for one input: the opened volume, validated ROI and the output grid."""
 
@@ -47,14 +84,40 @@ class VolumePlan:
     volume: Volume
     axis: int  # non-negative slice axis
     roi: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # half-open voxel ranges of the input
-    factors: tuple[float, float]
+    factors: tuple[float, float]  # model LR grid -> HR grid
     out_shape: tuple[int, int, int]
     out_affine: np.ndarray
+    resampling: InputResampling | None = None  # input grid -> model LR grid, when the spacings differ
 
     @property
     def slices(self) -> range:
         """Input slice indices to process, along ``axis``."""
         return range(*self.roi[self.axis])
+
+    def lr_slice(self, raw: np.ndarray) -> np.ndarray:
+        """An input slice (or its ROI) on the model's LR grid: resampled if planned, else as it is."""
+        return raw if self.resampling is None else self.resampling.apply(raw)
+
+    def stats_volume(self) -> Volume:
+        """The volume the LR intensity statistics are taken from: the input as the network will see it."""
+        return self.volume if self.resampling is None else _ResampledVolume(self.volume, self.axis, self.resampling)
+
+
+class _ResampledVolume:
+    """A read-only view of a volume whose slices along ``axis`` come resampled to the model's LR grid;
+    it offers what :func:`~microsr_tf.preprocessing.volume_stats` reads (``path``, slices)."""
+
+    def __init__(self, volume: Volume, axis: int, resampling: InputResampling):
+        self.path, self._volume, self._axis, self._resampling = volume.path, volume, axis, resampling
+
+    def n_slices(self, axis: int = -1) -> int:
+        return self._volume.n_slices(axis)
+
+    def iter_slices(self, axis: int = -1, indices=None):
+        if axis % 3 != self._axis:
+            raise ValueError(f"slices of a resampled view exist only along axis {self._axis}")
+        for k, raw in self._volume.iter_slices(axis, indices):
+            yield k, self._resampling.apply(raw)
 
 
 @dataclass
@@ -70,13 +133,18 @@ class PredictResult:
     seconds: float
     slices_per_s: float
     convergence: dict[str, float] = field(default_factory=dict)
+    resampling: dict[str, Any] | None = None  # InputResampling.to_dict() when the input was resampled
 
     def summary(self) -> str:
-        """One line: where the output went, speed and convergence."""
+        """One line: where the output went, speed, convergence and any input resampling."""
         conv = ", ".join(f"{k} {v:.3g}" for k, v in self.convergence.items())
-        return (f"{os.path.basename(self.input_path)}: {self.n_slices} slices -> {self.shape} in "
+        resampled = ""
+        if self.resampling:
+            resampled = (f"; input resampled from {_fmt(self.resampling['from_spacing_mm'])} mm to "
+                         f"{_fmt(self.resampling['to_spacing_mm'])} mm")
+        return (f"{os.path.basename(os.path.normpath(self.input_path))}: {self.n_slices} slices -> {self.shape} in "
                 f"{self.seconds:.1f} s ({self.slices_per_s:.2f} slices/s), T={self.samples}, seed {self.seed}"
-                + (f"; change from T/2 to T (worst slice): {conv}" if conv else ""))
+                + (f"; change from T/2 to T (worst slice): {conv}" if conv else "") + resampled)
 
 
 def output_paths(name: str, out_dir: str | os.PathLike, write_std: bool = False,
@@ -96,11 +164,14 @@ def slice_seed(seed: int, index: int) -> int:
 
 
 def plan_volume(input_path: str | os.PathLike, meta: Mapping[str, Any], roi: Roi | None = None,
-                axis: int | None = None) -> VolumePlan:
+                axis: int | None = None, resample_input: bool = False) -> VolumePlan:
     """Open and check one input against the model's metadata; nothing is read or written yet.
 
     Raises InputError naming the file for an unreadable volume, a bad axis or ROI, an input that is
-    not coarser than the model's HR spacing, or an input whose scale differs from the model's.
+    not coarser than the model's HR spacing, or an input whose scale differs from the model's. With
+    ``resample_input`` an input at another in-plane spacing than the model's LR spacing
+    (``hr_spacing * factors``) is planned to be resampled to it first; the output grid is then the
+    model's HR spacing over the input's field of view.
     """
     input_path = os.fspath(input_path)
     missing = [key for key in META_KEYS if key not in meta]
@@ -115,21 +186,36 @@ def plan_volume(input_path: str | os.PathLike, meta: Mapping[str, Any], roi: Roi
 
     lr_spacing = tuple(float(s) for s in vol.in_plane_spacing(axis))
     hr_spacing = tuple(float(s) for s in meta["hr_spacing"])
-    factors = tuple(float(f) for f in check_coarser(input_path, lr_spacing, hr_spacing))
     trained = tuple(float(f) for f in meta["factors"])
-    if any(abs(f - t) > FACTOR_TOLERANCE * t for f, t in zip(factors, trained)):
-        raise InputError(
-            input_path,
-            f"in-plane spacing {_fmt(lr_spacing)} mm needs upsampling factors {_fmt(factors)} to the model's "
-            f"{_fmt(hr_spacing)} mm, but the model was trained for factors {_fmt(trained)}")
+    model_lr = tuple(h * t for h, t in zip(hr_spacing, trained))
+    off_scale = any(abs(s / m - 1.0) > FACTOR_TOLERANCE for s, m in zip(lr_spacing, model_lr))
+    hint = (f"use --resample-input (resample_input=True) to resample the scan to the model's LR spacing "
+            f"{_fmt(model_lr)} mm first")
+    resampling = None
+    if resample_input and off_scale:
+        resampling = InputResampling(lr_spacing, model_lr)
+        factors = trained
+    else:
+        try:
+            factors = tuple(float(f) for f in check_coarser(input_path, lr_spacing, hr_spacing))
+        except InputError as exc:
+            raise InputError(input_path, f"{exc.problem}; {hint}") from None
+        if off_scale:
+            raise InputError(
+                input_path,
+                f"in-plane spacing {_fmt(lr_spacing)} mm needs upsampling factors {_fmt(factors)} to the model's "
+                f"{_fmt(hr_spacing)} mm, but the model was trained for factors {_fmt(trained)}; {hint}")
 
     roi_shape = tuple(hi - lo for lo, hi in roi)
     origin = np.asarray(vol.affine, dtype=np.float64).copy()
     origin[:3, 3] = origin[:3, :3] @ np.array([lo for lo, _ in roi], dtype=np.float64) + origin[:3, 3]
+    if resampling is not None:  # the ROI's grid at the model's LR spacing, edges kept in place
+        roi_shape = resampled_shape(roi_shape, axis, resampling.factors)
+        origin = resampled_affine(origin, axis, resampling.factors)
     return VolumePlan(
-        input_path=input_path, name=nifti_stem(input_path), volume=vol, axis=axis, roi=roi,
+        input_path=input_path, name=nifti_stem(os.path.abspath(input_path)), volume=vol, axis=axis, roi=roi,
         factors=factors, out_shape=tuple(int(n) for n in resampled_shape(roi_shape, axis, factors)),
-        out_affine=np.asarray(resampled_affine(origin, axis, factors)))
+        out_affine=np.asarray(resampled_affine(origin, axis, factors)), resampling=resampling)
 
 
 def predict_volume(
@@ -151,6 +237,7 @@ def predict_volume(
     precision: str = "float32",
     normalize: str = "volume",
     engine: SliceEngine | None = None,
+    resample_input: bool = False,
 ) -> PredictResult:
     """Super-resolve one LR volume into ``NAME_mean.nii.gz`` and ``NAME_var.nii.gz`` under ``out_dir``.
 
@@ -171,10 +258,12 @@ def predict_volume(
     local Monte Carlo posterior of one normalised HR-grid slice (``engine(slice, slice_seed) -> MCResult``,
     e.g. a TF-Serving client); everything else -- reading, resampling, normalising, seeds, units,
     writing -- stays the same, so the files equal a local run's when the engine computes the same.
+    ``resample_input`` brings a scan at another in-plane spacing to the model's LR spacing first (see
+    :func:`plan_volume`); the outputs' NIfTI description and ``PredictResult.resampling`` record it.
     """
     check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, percentiles=percentiles,
                   precision=precision, normalize=normalize)
-    plan = plan_volume(input_path, meta, roi=roi, axis=axis)
+    plan = plan_volume(input_path, meta, roi=roi, axis=axis, resample_input=resample_input)
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0] >> 1)
     paths = output_paths(plan.name, out_dir, write_std, percentiles, preview)
@@ -190,18 +279,19 @@ def predict_volume(
 
     start = time.perf_counter()
     vol, ax, ks = plan.volume, plan.axis, plan.slices
-    lr_stats = input_stats(vol, ax, plan.factors, meta, normalize)
+    lr_stats = input_stats(plan.stats_volume(), ax, plan.factors, meta, normalize)
     hr_stats = IntensityStats.from_dict(meta["hr_stats"])
     (i0, i1), (j0, j1) = [r for d, r in enumerate(plan.roi) if d != ax]
     middle = ks[len(ks) // 2]
     panel = None
     convergence: dict[str, float] = {}
     with ExitStack() as stack:
+        description = plan.resampling.description() if plan.resampling else ""
         writers = {key: stack.enter_context(VolumeWriter(path, plan.out_shape, plan.out_affine, axis=ax,
-                                                         header=vol.header))
+                                                         header=vol.header, description=description))
                    for key, path in paths.items() if key != "preview"}
         for done, (k, raw) in enumerate(vol.iter_slices(ax, ks), start=1):
-            lr_up = lr_stats.normalize(resample_slice(raw[i0:i1, j0:j1], plan.factors))
+            lr_up = lr_stats.normalize(resample_slice(plan.lr_slice(raw[i0:i1, j0:j1]), plan.factors))
             res = engine(lr_up, slice_seed(seed, k))
             for key, arr in _to_hr_units(res, hr_stats, write_std).items():
                 writers[key].write_slice(k - ks.start, arr)
@@ -217,7 +307,7 @@ def predict_volume(
     return PredictResult(
         input_path=plan.input_path, outputs=paths, shape=plan.out_shape, n_slices=len(ks), samples=samples,
         seed=seed, seconds=seconds, slices_per_s=len(ks) / seconds if seconds > 0 else math.inf,
-        convergence=convergence)
+        convergence=convergence, resampling=plan.resampling.to_dict() if plan.resampling else None)
 
 
 NORMALIZE_MODES = ("volume", "model")
@@ -351,5 +441,5 @@ def _percentile_key(q: float) -> str:
     return f"p{q:g}".replace(".", "_")
 
 
-def _fmt(values: Sequence[float]) -> str:
-    return " x ".join(f"{v:.4g}" for v in values)
+def _fmt(values: Sequence[float], sep: str = " x ") -> str:
+    return sep.join(f"{v:.4g}" for v in values)

@@ -166,3 +166,12 @@ def test_bfloat16_posterior_is_close_to_float32_and_reproducible(images, positio
     np.testing.assert_array_equal(again.var, fast.var)
     other = predictor.predict(images, seed=4)
     assert not np.array_equal(other.mean, fast.mean)
+
+
+def test_a_generator_without_dropout_gets_one_pass_and_an_exactly_zero_variance(images):
+    gen = tiny_generator("none")
+    result = MonteCarloPredictor(gen, samples=100, seed=1, percentiles=(5, 95)).predict(images)
+    np.testing.assert_array_equal(result.var, 0.0)  # exactly: T identical passes would round to ~1e-14
+    np.testing.assert_allclose(result.mean, gen(images).numpy(), atol=1e-5)  # batch of 1 vs 2: float rounding
+    np.testing.assert_array_equal(result.percentiles[5.0], result.mean)
+    assert result.samples == 100 and result.convergence["mean_max_change"] == 0.0

@@ -38,6 +38,9 @@ _FLAGS = [
     ("--lambda-rec", "train", "lambda_rec", float, "Weight of the cycle (self-reconstruction) loss.", None),
     ("--lambda-adv", "train", "lambda_adv", float, "Weight of the adversarial loss.", None),
     ("--lambda-identity", "train", "lambda_identity", float, "Identity loss weight relative to lambda-rec.", None),
+    ("--lambda-lr-consistency", "train", "lambda_lr_consistency", float,
+     "Weight of the LR-consistency loss (beyond the paper): 1 - correlation of G_L(x) and x, and of G_H(y) and y, "
+     "on the LR grid.", None),
     ("--pool-size", "train", "pool_size", int, "History of fakes shown to the critics (0: none).", None),
     ("--ngf", "model", "ngf", int, "Generator base filters.", None),
     ("--n-blocks", "model", "n_blocks", int, "Residual blocks in the generator.", None),

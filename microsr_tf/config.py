@@ -22,7 +22,7 @@ from .errors import ConfigError, InputError
 from .files import atomic_write_text
 
 DROPOUT_POSITIONS = ("bottleneck", "resblocks", "none")
-UPSAMPLE_KINDS = ("transpose", "resize")
+UPSAMPLE_KINDS = ("transpose", "resize", "bilinear")
 DECODER_NORMS = ("instance", "none")
 GAN_LOSSES = ("bce", "lsgan")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
@@ -83,7 +83,7 @@ class ModelConfig:
     method: str = "cyclegan"  # "cyclegan" (the paper), or the supervised baselines "unet" and "srgan"
     ngf: int = 64  # generator base filters
     n_blocks: int = 9  # residual blocks in the generator trunk
-    upsample: str = "transpose"  # "transpose" (paper) or "resize" (nearest + conv, no checkerboard)
+    upsample: str = "transpose"  # "transpose" (paper), "resize" (nearest + conv) or "bilinear" (bilinear + conv)
     dropout_rate: float = 0.5
     dropout_position: str = "bottleneck"  # "bottleneck", "resblocks" or "none"
     decoder_norm: str = "instance"  # "instance" (CycleGAN) or "none": a local decoder, exact in stripes
@@ -123,6 +123,7 @@ class TrainConfig:
     lambda_rec: float = 10.0
     lambda_adv: float = 1.0
     lambda_identity: float = 0.0  # identity loss weight (relative to lambda_rec); 0 disables it
+    lambda_lr_consistency: float = 0.0  # beyond the paper: G_L(x) brought back to the LR grid must correlate with x
     gan_loss: str = "bce"  # "bce" (log loss, the paper) or "lsgan"
     pool_size: int = 0  # history of generated images for the critics; 0 disables, 50 as CycleGAN
     srgan_adv_weight: float = 1e-3  # SRGAN: weight of the adversarial term next to the pixel MSE (Ledig et al.)
@@ -146,7 +147,7 @@ class TrainConfig:
             raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if not 0.0 <= self.beta_1 < 1.0:
             raise ConfigError(f"train.beta_1 must be in [0, 1), got {self.beta_1}")
-        for name in ("lambda_rec", "lambda_adv", "lambda_identity", "srgan_adv_weight"):
+        for name in ("lambda_rec", "lambda_adv", "lambda_identity", "lambda_lr_consistency", "srgan_adv_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.gan_loss not in GAN_LOSSES:

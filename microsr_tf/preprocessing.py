@@ -2,8 +2,10 @@
 
 LR slices are refined in-plane by ``factors = LR spacing / HR spacing`` onto exactly the grid of
 :func:`microsr_tf.volumes.resampled_affine`; each slice is cropped to the bounding box of its
-foreground; intensities are z-scored with foreground statistics and mapped to [0, 1] between robust
-percentiles, which :class:`IntensityStats` records so outputs can be mapped back to physical units.
+foreground; intensities are z-scored with foreground statistics and mapped to [0, 1] from the low end
+of the whole scan (air) to the high end of its foreground (dense bone), both robust percentiles, which
+:class:`IntensityStats` records so outputs can be mapped back to physical units. Mapping the whole
+range matters: clipping at the foreground's own low end would send air and soft tissue alike to 0.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from skimage.filters import threshold_otsu
 from .errors import InputError
 from .volumes import Volume, resampled_shape
 
-PERCENTILES = (0.5, 99.5)  # robust range of foreground z-values mapped to [0, 1]
+PERCENTILES = (0.5, 99.5)  # [0, 1] spans this low percentile of all voxels to this high one of the foreground
 SAMPLES_PER_SLICE = 1 << 17  # voxels kept per slice for volume-level statistics (bounded memory)
 
 
@@ -103,6 +105,28 @@ def resample_slice(slice2d: np.ndarray, factors: Sequence[float]) -> np.ndarray:
         return img.astype(np.float32, copy=True)
     rows = _cubic_matrix(img.shape[0], f0) @ img.astype(np.float64)
     return (_cubic_matrix(img.shape[1], f1) @ rows.T).T.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def area_matrix(n_coarse: int, n_fine: int, factor: float) -> scipy.sparse.csr_matrix:
+    """Sparse ``(n_coarse, n_fine)`` averaging matrix: coarse pixel ``i`` covers fine coordinates
+    ``[i f, (i + 1) f)`` and each fine pixel ``[j, j + 1)`` contributes its overlap; rows sum to 1 (a
+    coarse pixel reaching past the fine grid averages the part that exists)."""
+    f = float(factor)
+    rows, cols, vals = [], [], []
+    for i in range(n_coarse):
+        lo, hi = i * f, (i + 1) * f
+        for j in range(max(0, math.floor(lo)), min(n_fine, math.ceil(hi))):
+            w = min(j + 1.0, hi) - max(float(j), lo)
+            if w > 1e-12:
+                rows.append(i)
+                cols.append(j)
+                vals.append(w)
+    m = scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(n_coarse, n_fine))
+    sums = np.asarray(m.sum(axis=1)).ravel()
+    if (sums <= 0).any():
+        raise ValueError(f"{n_fine} fine pixels at factor {f:g} do not cover {n_coarse} coarse pixels")
+    return scipy.sparse.diags(1.0 / sums) @ m
 
 
 def otsu_threshold(values: np.ndarray) -> float:
@@ -214,10 +238,11 @@ def volume_stats(vol: Volume, axis: int = -1, threshold: float | None = None,
     mean, std = float(fg.mean()), float(fg.std())
     if std <= 0:
         raise InputError(vol.path, f"foreground above {thr:g} is constant ({mean:g}); cannot normalise")
-    low, high = np.percentile((fg - mean) / std, PERCENTILES)
+    low = float(np.percentile((values - mean) / std, PERCENTILES[0]))
+    high = float(np.percentile((fg - mean) / std, PERCENTILES[1]))
     if high <= low:
-        raise InputError(vol.path, "foreground intensities have no spread between the "
-                                   f"{PERCENTILES[0]} and {PERCENTILES[1]} percentiles; cannot normalise")
+        raise InputError(vol.path, f"intensities have no spread between the {PERCENTILES[0]} percentile of the "
+                                   f"scan and the {PERCENTILES[1]} percentile of its foreground; cannot normalise")
     return IntensityStats(mean, std, float(low), float(high))
 
 

@@ -310,3 +310,41 @@ def test_a_training_step_prints_no_remapper_error():
     ours, control = done.stderr.split("=== with keras.layers.LeakyReLU ===")
     assert "remapper failed" in control and "LeakyReluGrad" in control
     assert "remapper failed" not in ours
+
+
+def test_lr_inconsistency_is_one_minus_the_correlation_of_area_averages():
+    from microsr_tf.models.cyclegan import area_operators, lr_inconsistency
+
+    rng = np.random.default_rng(0)
+    a = rng.random((2, 8, 8, 1)).astype(np.float32)
+    b = rng.random((2, 8, 8, 1)).astype(np.float32)
+    area = area_operators(8, (4.0, 4.0))
+    got = lr_inconsistency(tf.constant(a), tf.constant(b), area).numpy()
+    for i in range(2):  # by hand: mean of each 4x4 block, then Pearson's r of the four block means
+        da = a[i, :, :, 0].reshape(2, 4, 2, 4).mean(axis=(1, 3)).ravel()
+        db = b[i, :, :, 0].reshape(2, 4, 2, 4).mean(axis=(1, 3)).ravel()
+        assert got[i] == pytest.approx(1.0 - np.corrcoef(da, db)[0, 1], abs=1e-5)
+    # any gain and offset is forgiven; an inverted image is the worst case
+    same = lr_inconsistency(tf.constant(a), tf.constant(3.0 * a + 0.5), area).numpy()
+    np.testing.assert_allclose(same, 0.0, atol=1e-5)
+    np.testing.assert_allclose(lr_inconsistency(tf.constant(a), tf.constant(-a), area).numpy(), 2.0, atol=1e-5)
+    # a fractional factor (0.15 / 0.018 mm) averages exact footprints and stays differentiable
+    x = tf.Variable(a)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(lr_inconsistency(x, tf.constant(b), area_operators(8, (8.33, 8.33))[:1] * 2))
+    assert tape.gradient(loss, x) is not None
+
+
+def test_lr_consistency_weight_enters_the_generator_loss():
+    tc = TrainConfig(batch_size=2, lambda_lr_consistency=2.0)
+    model = build_cyclegan(TINY, tc, P, factors=(4.0, 4.0))
+    model.compile(keras.optimizers.Adam(0.0), keras.optimizers.Adam(0.0))  # no update: losses of the same weights
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.random((2, P, P, 1)).astype(np.float32))
+    y = tf.constant(rng.random((2, P, P, 1)).astype(np.float32))
+    keras.utils.set_random_seed(3)
+    losses = model.step(x, y)
+    assert [int(m.shape[0]) for m in model.lr_area] == [P // 4, P // 4]
+    expected = losses["adv_loss"] + 10.0 * losses["cycle_loss"] + 2.0 * losses["lr_consistency_loss"]
+    np.testing.assert_allclose(losses["g_loss"], expected, rtol=1e-5)
+    assert float(tf.reduce_min(losses["lr_consistency_loss"])) > 0.0

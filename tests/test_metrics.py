@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter, uniform_filter
 
-from microsr_tf.evaluation.consistency import area_matrix, degrade, lr_consistency
+from microsr_tf.evaluation.consistency import degrade, lr_consistency
+from microsr_tf.preprocessing import area_matrix
 from microsr_tf.evaluation.fidelity import affine_fit, paired_scores, psnr, ssim
 from microsr_tf.evaluation.periodic import periodic_scores
 from microsr_tf.evaluation.realism import (distribution_distance, edge_sharpness, glcm_distance, glcm_features,

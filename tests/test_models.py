@@ -21,7 +21,7 @@ from microsr_tf.models.padding import ReflectionPadding2D
 from microsr_tf.models.upsampling import SubPixelResizeConv2D
 
 POSITIONS = ("bottleneck", "resblocks", "none")
-UPSAMPLES = ("transpose", "resize")
+UPSAMPLES = ("transpose", "resize", "bilinear")
 # Convolutions blocked for different batch sizes round differently in float32.
 ACROSS_BATCH_ATOL = 1e-5
 

@@ -12,39 +12,16 @@ structure, not calibration.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
 import numpy as np
-import scipy.sparse
 from scipy.ndimage import gaussian_filter
 
+from ..preprocessing import area_matrix
 from .fidelity import calibrate, psnr, ssim
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-
-
-@functools.lru_cache(maxsize=32)
-def area_matrix(n_coarse: int, n_fine: int, factor: float) -> scipy.sparse.csr_matrix:
-    """Sparse ``(n_coarse, n_fine)`` averaging matrix: coarse pixel ``i`` covers fine coordinates
-    ``[i f, (i + 1) f)`` and each fine pixel ``[j, j + 1)`` contributes its overlap; rows sum to 1 (a
-    coarse pixel reaching past the fine grid averages the part that exists)."""
-    f = float(factor)
-    rows, cols, vals = [], [], []
-    for i in range(n_coarse):
-        lo, hi = i * f, (i + 1) * f
-        for j in range(max(0, math.floor(lo)), min(n_fine, math.ceil(hi))):
-            w = min(j + 1.0, hi) - max(float(j), lo)
-            if w > 1e-12:
-                rows.append(i)
-                cols.append(j)
-                vals.append(w)
-    m = scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(n_coarse, n_fine))
-    sums = np.asarray(m.sum(axis=1)).ravel()
-    if (sums <= 0).any():
-        raise ValueError(f"{n_fine} fine pixels at factor {f:g} do not cover {n_coarse} coarse pixels")
-    return scipy.sparse.diags(1.0 / sums) @ m
 
 
 def degrade(fine: np.ndarray, factors: Sequence[float], lr_shape: Sequence[int], psf_fwhm: float = 0.0) -> np.ndarray:

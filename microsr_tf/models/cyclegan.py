@@ -24,7 +24,7 @@ draws exactly what it would have drawn without the interruption, on any number o
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import keras
 import tensorflow as tf
@@ -32,8 +32,10 @@ import tensorflow as tf
 from microsr_tf.config import ModelConfig, TrainConfig
 from microsr_tf.models.discriminator import PatchDiscriminator
 from microsr_tf.models.generator import ResnetGenerator
+from microsr_tf.preprocessing import area_matrix
 
-LOSS_NAMES = ("g_loss", "d_loss", "cycle_loss", "adv_loss", "d_l_loss", "d_h_loss", "identity_loss")
+LOSS_NAMES = ("g_loss", "d_loss", "cycle_loss", "adv_loss", "d_l_loss", "d_h_loss", "identity_loss",
+              "lr_consistency_loss")
 STEP_PREFIX = "step/"  # train_step also returns this step's losses under "step/<name>"
 
 
@@ -158,6 +160,30 @@ def _float32(t: tf.Tensor) -> tf.Tensor:
     return tf.cast(t, tf.float32)
 
 
+def area_operators(patch: int, factors: Sequence[float]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Dense row and column averaging matrices taking a ``patch``-pixel square onto the LR grid ``factors``
+    coarser (:func:`microsr_tf.preprocessing.area_matrix`: each LR voxel averages its exact footprint)."""
+    ops = []
+    for f in factors:
+        n = max(1, int(round(patch / float(f))))
+        ops.append(tf.constant(area_matrix(n, patch, float(f)).toarray(), tf.float32))
+    return ops[0], ops[1]
+
+
+def lr_inconsistency(a: tf.Tensor, b: tf.Tensor, area: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+    """Per example, ``1 - corr(down(a), down(b))``: ``down`` averages each LR voxel's footprint on the HR
+    grid (the ``area`` operators of :func:`area_operators`), and the Pearson correlation ignores any gain
+    and offset between the two domains' intensities. 0 when ``a`` has ``b``'s coarse structure, up to 2."""
+    rows, cols = area
+    down_a = tf.einsum("ij,bjkc,lk->bilc", rows, _float32(a), cols)
+    down_b = tf.einsum("ij,bjkc,lk->bilc", rows, _float32(b), cols)
+    da = down_a - tf.reduce_mean(down_a, axis=[1, 2, 3], keepdims=True)
+    db = down_b - tf.reduce_mean(down_b, axis=[1, 2, 3], keepdims=True)
+    cov = tf.reduce_sum(da * db, axis=[1, 2, 3])
+    norm = tf.sqrt(tf.reduce_sum(da * da, axis=[1, 2, 3]) * tf.reduce_sum(db * db, axis=[1, 2, 3]) + 1e-12)
+    return 1.0 - cov / norm
+
+
 class CycleGAN(keras.Model):
     """G_L, G_H, D_L, D_H and their fused training step; ``call(x)`` translates LR to HR with G_L.
 
@@ -168,23 +194,31 @@ class CycleGAN(keras.Model):
     ``-log D_H(G_L(x)) - log D_L(G_H(y))`` (or least squares with ``gan_loss="lsgan"``); each critic
     minimises half its real/fake loss, as CycleGAN, which slows critics relative to generators.
     Optional identity loss ``lambda_rec * lambda_identity * (|G_L(y) - y| + |G_H(x) - x|)``.
+    Optional LR-consistency loss, beyond the paper (``lambda_lr_consistency``): brought back to the LR
+    grid (``factors`` coarser), G_L(x) must keep x's structure and G_H(y) y's, measured by
+    :func:`lr_inconsistency` -- super-resolution should sharpen what the scan shows, not move or invent
+    anatomy.
     """
 
     def __init__(self, g_l: keras.Model, g_h: keras.Model, d_l: keras.Model, d_h: keras.Model,
-                 train_cfg: TrainConfig, patch_size: int, seed: int = 0, **kwargs):
+                 train_cfg: TrainConfig, patch_size: int, factors: tuple[float, float] = (1.0, 1.0),
+                 seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.g_l, self.g_h, self.d_l, self.d_h = g_l, g_h, d_l, d_h
         self.seed = int(seed)  # with the step counter, the source of every random draw of a step
         self.lambda_rec = float(train_cfg.lambda_rec)
         self.lambda_adv = float(train_cfg.lambda_adv)
         self.lambda_identity = float(train_cfg.lambda_identity)
+        self.lambda_lr_consistency = float(train_cfg.lambda_lr_consistency)
+        self.lr_area = area_operators(patch_size, factors)
         self.gan_loss = train_cfg.gan_loss
         self.patch_size = int(patch_size)
         shape = (self.patch_size, self.patch_size, 1)
         pools = train_cfg.pool_size > 0
         self.pool_l = ImagePool(train_cfg.pool_size, shape, name="pool_l") if pools else None
         self.pool_h = ImagePool(train_cfg.pool_size, shape, name="pool_h") if pools else None
-        names = [n for n in LOSS_NAMES if n != "identity_loss" or self.lambda_identity > 0]
+        optional = {"identity_loss": self.lambda_identity, "lr_consistency_loss": self.lambda_lr_consistency}
+        names = [n for n in LOSS_NAMES if optional.get(n, 1.0) > 0]
         self.trackers = {n: keras.metrics.Mean(name=n) for n in names}
         dummy = tf.zeros((1, *shape))
         for net in (g_l, g_h, d_l, d_h):
@@ -259,6 +293,10 @@ class CycleGAN(keras.Model):
                             + _per_example_mean(tf.abs(_float32(self.g_h(x, seed=rows[5])) - x)))
                 g_total += self.lambda_rec * self.lambda_identity * identity
                 losses["identity_loss"] = identity
+            if self.lambda_lr_consistency > 0:
+                lrc = lr_inconsistency(fake_hr, x, self.lr_area) + lr_inconsistency(fake_lr, y, self.lr_area)
+                g_total += self.lambda_lr_consistency * lrc
+                losses["lr_consistency_loss"] = lrc
             g_scaled = tf.nn.compute_average_loss(g_total, global_batch_size=global_batch)
 
             if self.pool_h is not None:
@@ -299,8 +337,8 @@ class CycleGAN(keras.Model):
         return logs
 
 
-def build_cyclegan(model_cfg: ModelConfig, train_cfg: TrainConfig, patch_size: int, seed: int | None = None
-                   ) -> CycleGAN:
+def build_cyclegan(model_cfg: ModelConfig, train_cfg: TrainConfig, patch_size: int,
+                   factors: tuple[float, float] = (1.0, 1.0), seed: int | None = None) -> CycleGAN:
     """Networks from ``model_cfg`` in ``train_cfg.precision``; call inside the strategy scope (and then
     ``compile``). ``seed`` drives the step's random draws (default ``train_cfg.seed``, else 0)."""
 
@@ -315,4 +353,4 @@ def build_cyclegan(model_cfg: ModelConfig, train_cfg: TrainConfig, patch_size: i
     with dtype_policy(policy):
         nets = generator("g_l"), generator("g_h"), critic("d_l"), critic("d_h")
     seed = train_cfg.seed if seed is None else seed
-    return CycleGAN(*nets, train_cfg, patch_size, seed=seed or 0, name="cyclegan")
+    return CycleGAN(*nets, train_cfg, patch_size, factors, seed=seed or 0, name="cyclegan")

@@ -21,7 +21,7 @@ from microsr_tf.models.dropout import MCDropout
 from microsr_tf.models.head import OneChannelHead
 from microsr_tf.models.normalization import InstanceNorm
 from microsr_tf.models.padding import ReflectionPadding2D
-from microsr_tf.models.upsampling import SubPixelResizeConv2D
+from microsr_tf.models.upsampling import BilinearResizeConv2D, SubPixelResizeConv2D
 
 DOWNSCALE = 4  # the trunk runs at 1/4 of the input resolution
 # Rows of trunk output (1/4 resolution) beyond a stripe that a norm-free decoder can read: each x2
@@ -115,7 +115,8 @@ class ResnetGenerator(keras.Model):
     """ResNet image-to-image generator (CycleGAN), one channel in [0, 1] in and out.
 
     7x7 stem, two stride-2 convs, ``n_blocks`` residual blocks, two x2 upsamplings ("transpose":
-    3x3 stride-2 transposed conv; "resize": nearest x2 + 3x3 conv), 7x7 head and sigmoid, instance
+    3x3 stride-2 transposed conv; "resize": nearest x2 + 3x3 conv; "bilinear": bilinear x2 + 3x3 conv),
+    7x7 head and sigmoid, instance
     normalisation after every convolution of the encoder and the blocks, and after the upsamplings
     unless ``decoder_norm="none"``. Height and width must be multiples of 4. MC dropout (``rate``) sits
     after the trunk ("bottleneck", the paper's single dropout layer), inside every residual block
@@ -157,8 +158,9 @@ class ResnetGenerator(keras.Model):
         self.bottleneck_dropout = MCDropout(dropout_rate, 0) if position == "bottleneck" else None
         self.decoder = []
         for filters in (2 * ngf, ngf):
-            up = (keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same") if upsample == "transpose"
-                  else SubPixelResizeConv2D(filters))
+            up = {"transpose": lambda: keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same"),
+                  "resize": lambda: SubPixelResizeConv2D(filters),
+                  "bilinear": lambda: BilinearResizeConv2D(filters)}[upsample]()
             self.decoder += [up, InstanceNorm(relu=True) if decoder_norm == "instance" else keras.layers.ReLU()]
         self.decoder += [OneChannelHead(7), keras.layers.Activation("sigmoid", dtype="float32")]
         self.xla_kernels = True
@@ -257,7 +259,7 @@ class ResnetGenerator(keras.Model):
         """Multiply-adds per output pixel of the convolutions in the prefix and in the suffix (as
         implemented: the resize upsampling costs 16 instead of 9 per low-resolution pixel)."""
         ngf = self.ngf
-        up_taps = 9 if self.upsample == "transpose" else 16
+        up_taps = {"transpose": 9, "resize": 16, "bilinear": 36}[self.upsample]
         costs = [49 * ngf, 9 * ngf * 2 * ngf / 4, 9 * 2 * ngf * 4 * ngf / 16]  # stem, two downsamplings
         block_conv = 9 * (4 * ngf) ** 2 / 16
         costs += [block_conv] * (2 * self.n_blocks)

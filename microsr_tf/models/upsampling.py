@@ -62,3 +62,30 @@ class SubPixelResizeConv2D(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters}
+
+
+@keras.saving.register_keras_serializable(package="microsr_tf")
+class BilinearResizeConv2D(keras.layers.Layer):
+    """Bilinear x2 upsampling then a 3x3 "same" convolution: the resize-convolution of Odena et al. (2016)
+    with a smooth interpolant, so no pixel of the coarser grid is copied as a block into the finer one
+    (nearest-neighbour resizing leaves a faint 2-pixel lattice that an adversarial loss can amplify)."""
+
+    def __init__(self, filters: int, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.conv = keras.layers.Conv2D(self.filters, 3, padding="same")
+
+    def build(self, input_shape):
+        self.conv.build(self.compute_output_shape(input_shape)[:3] + (input_shape[-1],))
+
+    def call(self, x):
+        size = 2 * tf.shape(x)[1:3]  # dynamic: the generator runs on slices of any size
+        return self.conv(tf.cast(tf.image.resize(x, size, method="bilinear"), x.dtype))
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, _ = input_shape
+        double = lambda n: None if n is None else 2 * n  # noqa: E731
+        return (b, double(h), double(w), self.filters)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}

@@ -61,9 +61,9 @@ def method_data(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.
     return make_training_data(lr_dir, hr_dir, cfg.data, n_val=n_val)
 
 
-def build_method(cfg: Config, steps_per_epoch: int) -> MethodSetup:
+def build_method(cfg: Config, steps_per_epoch: int, factors: tuple[float, float] = (1.0, 1.0)) -> MethodSetup:
     """Networks, compiled optimizers and checkpoint objects of ``cfg.model.method``; call inside the
-    strategy scope."""
+    strategy scope. ``factors`` (LR / HR spacing) sizes the CycleGAN's optional LR-consistency loss."""
     tc = cfg.train
     # No whole-step XLA (Keras' "auto" would turn it on for one GPU): it measured no faster on CPU and
     # blew up compile time and memory around the generator's own XLA-fused kernels.
@@ -81,7 +81,7 @@ def build_method(cfg: Config, steps_per_epoch: int) -> MethodSetup:
         return MethodSetup(model=model, generator=model.generator, checkpoint_objects=objects, best_loss=PIXEL_LOSS,
                            shown_losses=("g_loss", "d_loss", PIXEL_LOSS), panel=supervised_panel,
                            panel_tag="validation/degraded|output|hr|error")
-    model = build_cyclegan(cfg.model, tc, cfg.data.patch_size)
+    model = build_cyclegan(cfg.model, tc, cfg.data.patch_size, factors)
     model.compile(make_optimizer(tc, steps_per_epoch, "g_adam"), make_optimizer(tc, steps_per_epoch, "d_adam"),
                   jit_compile=False)
     pools = {k: p for k, p in (("pool_l", model.pool_l), ("pool_h", model.pool_h)) if p is not None}

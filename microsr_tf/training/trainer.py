@@ -298,7 +298,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
         if facts is None:
             cfg.save(out_dir / CONFIG_FILE)
         with strategy.scope():
-            setup = build_method(seeded, steps_per_epoch)
+            setup = build_method(seeded, steps_per_epoch, data.factors)
             model = setup.model
             best_cycle = tf.Variable(math.inf, trainable=False, name="best_cycle_loss")
         checkpoint = tf.train.Checkpoint(best_cycle_loss=best_cycle, run_facts=RunFacts(**now),

@@ -51,6 +51,16 @@ def parse_percentiles(text: str | None) -> tuple[float, ...]:
     return values
 
 
+def parse_samples(text: str) -> int | str:
+    """``--samples``: a whole number, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--samples: expected a whole number of Monte Carlo samples or 'auto', got {text!r}") from None
+
+
 class _Progress:
     """Renders predict_volume's (done, total, elapsed) callbacks as a click progress bar on stderr."""
 
@@ -78,10 +88,12 @@ class _Progress:
               help="Trained generator: a training run directory, a .keras file or an exported SavedModel.")
 @click.option("--out-dir", required=True, metavar="DIR",
               help="Where NAME_mean.nii.gz and NAME_var.nii.gz are written (created if missing).")
-@click.option("--samples", "-T", type=int, default=100, show_default=True,
+@click.option("--samples", "-T", "samples_text", default="100", show_default=True, metavar="T|auto",
               help="Monte Carlo dropout samples T per voxel (the paper uses 100). Each sample is one "
                    "stochastic pass of the part of the generator after its dropout layer (the part before "
-                   "it runs once), so prediction time grows about linearly with T. At least 2.")
+                   "it runs once), so prediction time grows about linearly with T. At least 2. 'auto': each "
+                   "slice samples until its posterior mean and variance have converged (at most 100; the T "
+                   "of every slice is reported).")
 @click.option("--seed", type=int, default=None,
               help="Base seed of the dropout masks; the same seed gives identical files. Default: random "
                    "(the seed used is reported). In [0, 2^31 - 1].")
@@ -113,7 +125,7 @@ class _Progress:
                    "spacing first (bicubic, anti-aliased when it gets coarser), then super-resolve at the trained "
                    "factor. Outputs are on the model's HR spacing; their NIfTI description records the resampling.")
 @user_errors
-def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_budget, roi_text, axis,
+def command(inputs, model_path, out_dir, samples_text, seed, stitch, tile, memory_budget, roi_text, axis,
             write_std, percentiles_text, preview, precision, normalize, resample_input) -> None:
     """Super-resolve INPUT volumes into posterior mean and variance NIfTI volumes (paper eq. 4).
 
@@ -124,6 +136,7 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_bud
     """
     roi = parse_roi(roi_text)
     percentiles = parse_percentiles(percentiles_text)
+    samples = parse_samples(samples_text)
 
     from microsr_tf.inference.predict import check_options, plan_volume, predict_volume, stale_temp_files
     from microsr_tf.export import load_model

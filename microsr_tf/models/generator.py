@@ -21,13 +21,10 @@ from microsr_tf.models.dropout import MCDropout
 from microsr_tf.models.head import OneChannelHead
 from microsr_tf.models.normalization import InstanceNorm
 from microsr_tf.models.padding import ReflectionPadding2D
-from microsr_tf.models.upsampling import SubPixelResizeConv2D
+from microsr_tf.models.upsampling import Conv2DTranspose, SubPixelResizeConv2D
 
 PRECISIONS = ("float32", "bfloat16")
 DOWNSCALE = 4  # the trunk runs at 1/4 of the input resolution
-# Rows of trunk output (1/4 resolution) beyond a stripe that a norm-free decoder can read: each x2
-# upsampling looks one pixel of its input away, the 7x7 head three output pixels (< one trunk row).
-DECODER_HALO = 3
 
 
 def with_precision(generator: "ResnetGenerator", precision: str = "float32") -> "ResnetGenerator":
@@ -158,7 +155,7 @@ class ResnetGenerator(keras.Model):
         self.bottleneck_dropout = MCDropout(dropout_rate, 0) if position == "bottleneck" else None
         self.decoder = []
         for filters in (2 * ngf, ngf):
-            up = (keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same") if upsample == "transpose"
+            up = (Conv2DTranspose(filters) if upsample == "transpose"
                   else SubPixelResizeConv2D(filters))
             self.decoder += [up, InstanceNorm(relu=True) if decoder_norm == "instance" else keras.layers.ReLU()]
         self.decoder += [OneChannelHead(7), keras.layers.Activation("sigmoid", dtype="float32")]
@@ -191,9 +188,21 @@ class ResnetGenerator(keras.Model):
 
     @property
     def local_decoder(self) -> bool:
-        """Whether each output pixel depends only on trunk rows within :data:`DECODER_HALO` of its own (no
-        normalisation in the decoder), so that the decoder can run in stripes with the same result."""
+        """Whether each output pixel depends only on trunk rows near its own (no normalisation in the
+        decoder; :attr:`decoder_reach` says how near), so that the decoder can run in stripes with the
+        same result."""
         return self.decoder_norm == "none"
+
+    @property
+    def decoder_reach(self) -> tuple[int, int]:
+        """``(above, below)``: output rows ``4r .. 4r + 3`` of a local decoder read trunk rows ``r - above``
+        to ``r + below`` (and nothing else).
+
+        The 7x7 head reads output rows ``f - 3 .. f + 3``. The transposed convolution's output row ``2p``
+        reads input rows ``p - 1, p`` and row ``2p + 1`` row ``p``; the resize upsampling's row ``2p`` reads
+        ``p - 1, p`` and row ``2p + 1`` rows ``p, p + 1``. Composed over the two x2 stages: (2, 1) and (2, 2).
+        """
+        return (2, 1) if self.upsample == "transpose" else (2, 2)
 
     def build(self, input_shape):
         shape = _build_sequence(self.encoder, tuple(input_shape))

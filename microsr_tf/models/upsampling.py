@@ -99,13 +99,15 @@ class Conv2DTranspose(keras.layers.Conv2DTranspose):
     def call(self, x):
         if self.compute_dtype != "bfloat16" or self.data_format != "channels_last":
             return super().call(x)
-        even_even, even_odd, odd_even, odd_odd = (tf.cast(k, x.dtype) for k in _phase_kernels(self.kernel))
-        padded = tf.pad(x, [[0, 0], [1, 0], [1, 0], [0, 0]])  # row and column p - 1 for p = 0 is outside
-        phases = tf.concat([tf.nn.conv2d(padded, even_even, 1, "VALID"),
-                            tf.nn.conv2d(padded[:, :, 1:], even_odd, 1, "VALID"),
-                            tf.nn.conv2d(padded[:, 1:, :], odd_even, 1, "VALID"),
-                            tf.nn.conv2d(x, odd_odd, 1, "VALID")], axis=-1)
-        return tf.nn.bias_add(tf.nn.depth_to_space(phases, 2), tf.cast(self.bias, x.dtype))
+        bias = tf.cast(self.bias, x.dtype)
+
+        def phase(kernel, top, left):  # zero row p - 1 / column q - 1 before the first, padded by oneDNN
+            y = tf.nn.conv2d(x, tf.cast(kernel, x.dtype), 1, [[0, 0], [top, 0], [left, 0], [0, 0]])
+            return tf.nn.bias_add(y, bias)  # fused into the convolution
+
+        even_even, even_odd, odd_even, odd_odd = _phase_kernels(self.kernel)
+        phases = [phase(even_even, 1, 1), phase(even_odd, 1, 0), phase(odd_even, 0, 1), phase(odd_odd, 0, 0)]
+        return tf.nn.depth_to_space(tf.concat(phases, axis=-1), 2)
 
     def get_config(self):
         config = super().get_config()

@@ -234,7 +234,11 @@ def _resolve_seeds(seed, n: int) -> tuple[int | tuple[int, ...], np.ndarray]:
 
 
 def _per_example_bytes(graph: tf.Graph) -> int:
-    """Bytes of the largest per-example tensor in a graph traced with a ``None`` batch dimension."""
+    """Bytes of the largest per-example tensor in a graph traced with a ``None`` batch dimension.
+
+    Floating tensors count at least 4 bytes an element: the fused kernels (instance norm, output head)
+    compute in float32 inside, on temporaries the graph does not show, whatever their inputs' dtype.
+    """
     largest = 0
     for op in graph.get_operations():
         for t in op.outputs:
@@ -243,7 +247,8 @@ def _per_example_bytes(graph: tf.Graph) -> int:
                 continue
             if not (t.dtype.is_floating or t.dtype.is_integer or t.dtype == tf.bool):
                 continue
-            largest = max(largest, math.prod(dims[1:]) * t.dtype.size)
+            size = max(t.dtype.size, 4) if t.dtype.is_floating else t.dtype.size
+            largest = max(largest, math.prod(dims[1:]) * size)
     return largest
 
 

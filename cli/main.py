@@ -16,7 +16,7 @@ COMMANDS = {
     "demo": ("demo", "Run the whole job on a bundled phantom and model: predict, preview, score, report."),
     "phantom": ("phantom", "Write synthetic temporal-bone phantoms (unpaired LR/HR sets + a paired test subject)."),
     "prepare": ("prepare", "Extract training patches once into TFRecord shards for fast streaming."),
-    "train": ("train", "Train the CycleGAN on unpaired LR and HR NIfTI folders."),
+    "train": ("train", "Train the CycleGAN on unpaired LR and HR NIfTI folders (or a U-Net/SRGAN baseline)."),
     "predict": ("predict", "Super-resolve NIfTI volumes into posterior mean and variance volumes."),
     "export": ("export", "Export a trained generator as a TF-Serving SavedModel returning mean and variance."),
     "evaluate": ("evaluate", "Score predictions against bicubic and real micro-CT: m-HuM, LR consistency, realism, "

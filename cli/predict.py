@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -9,6 +10,7 @@ import click
 from microsr_tf.errors import ConfigError, InputError
 
 from ._common import user_errors
+
 
 ROI_HELP = ("Only process voxel ranges i0:i1,j0:j1,k0:k1 of the input array (its own axis order, half-open, "
             "an empty bound means the full extent, e.g. ':,100:300,40:60'). The output affine places the "
@@ -61,6 +63,19 @@ def parse_samples(text: str) -> int | str:
         raise ConfigError(f"--samples: expected a whole number of Monte Carlo samples or 'auto', got {text!r}") from None
 
 
+def _read_token(token_file: str | None) -> str | None:
+    """The bearer token from ``token_file``, else ``MICROSR_SERVING_TOKEN``, else None."""
+    if token_file is None:
+        return os.environ.get("MICROSR_SERVING_TOKEN") or None
+    try:
+        with open(token_file, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except OSError as exc:
+        raise InputError(token_file, f"cannot read the token file ({exc.strerror or type(exc).__name__})") from None
+    except UnicodeDecodeError:
+        raise InputError(token_file, "the token file is not UTF-8 text") from None
+
+
 class _Progress:
     """Renders predict_volume's (done, total, elapsed) callbacks as a click progress bar on stderr."""
 
@@ -84,8 +99,9 @@ class _Progress:
 
 @click.command("predict")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("--model", "model_path", required=True, metavar="PATH",
-              help="Trained generator: a training run directory, a .keras file or an exported SavedModel.")
+@click.option("--model", "model_path", default=None, metavar="PATH",
+              help="Trained generator: a training run directory, a .keras file or an exported SavedModel. "
+                   "Required unless --server is given.")
 @click.option("--out-dir", required=True, metavar="DIR",
               help="Where NAME_mean.nii.gz and NAME_var.nii.gz are written (created if missing).")
 @click.option("--samples", "-T", "samples_text", default="100", show_default=True, metavar="T|auto",
@@ -124,15 +140,45 @@ class _Progress:
               help="Accept a scan whose in-plane spacing is not the model's LR spacing: resample it to that "
                    "spacing first (bicubic, anti-aliased when it gets coarser), then super-resolve at the trained "
                    "factor. Outputs are on the model's HR spacing; their NIfTI description records the resampling.")
+@click.option("--server", metavar="HOST:PORT", default=None,
+              help="Run the Monte Carlo passes on a TF-Serving model server holding a microsr-tf export instead "
+                   "of --model; reading, resampling, normalising and writing stay local, so the files equal a "
+                   "local run's for the same seed. Plain text is refused for hosts outside loopback (see --tls).")
+@click.option("--model-name", default="microsr", show_default=True, help="Model name on the server.")
+@click.option("--model-version", type=click.IntRange(min=1), default=None,
+              help="Model version on the server (default: the one it serves).")
+@click.option("--protocol", type=click.Choice(["grpc", "rest"]), default="grpc", show_default=True,
+              help="TF-Serving's gRPC API (port 8500) or its REST API (port 8501).")
+@click.option("--tls", is_flag=True, help="Encrypt the connection (gRPC over TLS, HTTPS for REST).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), default=None, metavar="PEM",
+              help="CA bundle that signed the server's certificate (default: the system's trusted CAs).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, metavar="PEM",
+              help="Client certificate, for servers that require one (with --tls-key).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, metavar="PEM", help="Client private key.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="File holding a bearer token sent as 'authorization: Bearer', for gateways that require one "
+                   "(or set MICROSR_SERVING_TOKEN). Never printed or written anywhere.")
+@click.option("--insecure", is_flag=True,
+              help="Allow plain text to a host outside loopback (only on a network you trust).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="Seconds to wait for each answer of the server.")
+@click.option("--retries", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Retries while the server is unavailable, after 0.5, 1, 2, ... s.")
+@click.option("--max-message-mb", type=click.FloatRange(min=0, min_open=True), default=256.0, show_default=True,
+              help="Largest gRPC message sent or accepted (gRPC's own default is 4 MB).")
 @user_errors
 def command(inputs, model_path, out_dir, samples_text, seed, stitch, tile, memory_budget, roi_text, axis,
-            write_std, percentiles_text, preview, precision, normalize, resample_input) -> None:
+            write_std, percentiles_text, preview, precision, normalize, resample_input, server, model_name,
+            model_version, protocol, tls, tls_ca, tls_cert, tls_key, token_file, insecure, timeout_s, retries,
+            max_message_mb) -> None:
     """Super-resolve INPUT volumes into posterior mean and variance NIfTI volumes (paper eq. 4).
 
     An INPUT is a NIfTI volume (.nii, .nii.gz) or a folder holding one DICOM series. Each input is
     read slice by slice, upsampled to the model's HR spacing, normalised, predicted T times with
     Monte Carlo dropout and written as NAME_mean.nii.gz (HR intensity units) and NAME_var.nii.gz
-    (their square) with the matching affine.
+    (their square) with the matching affine. A deterministic model (the U-Net and SRGAN baselines,
+    or a CycleGAN without dropout) has one possible output: its variance is exactly 0, its variance
+    file's header description says so, and T is not used.
     """
     roi = parse_roi(roi_text)
     percentiles = parse_percentiles(percentiles_text)
@@ -146,7 +192,27 @@ def command(inputs, model_path, out_dir, samples_text, seed, stitch, tile, memor
     from microsr_tf.inference.mc import resolve_memory_budget
 
     memory_budget = resolve_memory_budget(memory_budget)
-    generator, meta = load_model(model_path)
+    engine = None
+    if server is None:
+        if model_path is None:
+            raise click.UsageError("give --model (or --server)")
+        generator, meta = load_model(model_path)
+    else:
+        if model_path is not None:
+            raise click.UsageError("--model and --server are alternatives: with --server the served model is used")
+        if percentiles:
+            raise ConfigError("--percentiles needs the raw Monte Carlo samples, which a server does not return")
+        if precision != "float32":
+            raise ConfigError("--precision is for local prediction; the server runs its export in float32")
+        if samples == "auto":
+            raise ConfigError("--samples auto is for local prediction; give the server a number of samples")
+        from microsr_tf.serving import ServingClient, remote_engine, served_meta
+
+        client = ServingClient(server, model_name, protocol, model_version, tls=tls, ca_file=tls_ca,
+                               cert_file=tls_cert, key_file=tls_key, token=_read_token(token_file),
+                               insecure=insecure, timeout=timeout_s, retries=retries, max_message_mb=max_message_mb)
+        generator, meta = None, served_meta(client)
+        engine = remote_engine(client, samples, stitch=stitch)
     plans = [plan_volume(path, meta, roi=roi, axis=axis, resample_input=resample_input)
              for path in inputs]  # refuse bad inputs up front
     seen: dict[str, str] = {}
@@ -154,6 +220,11 @@ def command(inputs, model_path, out_dir, samples_text, seed, stitch, tile, memor
         if plan.name in seen:
             raise InputError(plan.input_path, f"has the same name as {seen[plan.name]}; outputs would collide")
         seen[plan.name] = plan.input_path
+    deterministic = meta.get("deterministic") is True
+    method = meta.get("method", "dropout-free")
+    if deterministic:
+        click.echo(f"deterministic model ({method}): one output per voxel, variance "
+                   f"exactly 0 (T = {samples} not used)")
 
     for plan in plans:
         stale = stale_temp_files(plan.name, out_dir)
@@ -166,7 +237,7 @@ def command(inputs, model_path, out_dir, samples_text, seed, stitch, tile, memor
                                     stitch=stitch, tile=tile, memory_budget=memory_budget, roi=roi,
                                     axis=axis, write_std=write_std, percentiles=percentiles, preview=preview,
                                     progress=progress, precision=precision, normalize=normalize,
-                                    resample_input=resample_input)
+                                    resample_input=resample_input, engine=engine)
         finally:
             progress.close()
         for path in result.outputs.values():

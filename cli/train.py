@@ -1,4 +1,5 @@
-"""``microsr-tf train``: train the CycleGAN on unpaired LR and HR NIfTI folders into a run directory."""
+"""``microsr-tf train``: train the CycleGAN on unpaired LR and HR NIfTI folders (or a supervised
+U-Net/SRGAN baseline on degraded HR patches) into a run directory."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 
 import click
 
-from microsr_tf.config import DROPOUT_POSITIONS, GAN_LOSSES, PRECISIONS, STRATEGIES, UPSAMPLE_KINDS
+from microsr_tf.config import DROPOUT_POSITIONS, GAN_LOSSES, METHODS, PRECISIONS, STRATEGIES, UPSAMPLE_KINDS
 
 from ._common import user_errors
 
@@ -35,6 +36,9 @@ _OVERRIDES = {
     "dropout_rate": ("model", "dropout_rate"),
     "dropout_position": ("model", "dropout_position"),
     "ndf": ("model", "ndf"),
+    "method": ("model", "method"),
+    "degradation_noise": ("data", "degradation_noise"),
+    "srgan_adv_weight": ("train", "srgan_adv_weight"),
 }
 
 
@@ -53,7 +57,8 @@ def overrides_from_flags(flags: dict) -> dict:
 
 @click.command("train")
 @click.option("--lr-dir", metavar="DIR",
-              help="Folder of clinical (low-resolution) volumes: NIfTI files and/or one subfolder per DICOM series.")
+              help="Folder of clinical (low-resolution) volumes: NIfTI files and/or one subfolder per DICOM series "
+                   "(unet/srgan: read for their voxel size only).")
 @click.option("--hr-dir", metavar="DIR",
               help="Folder of micro-CT (high-resolution) volumes: NIfTI files and/or one subfolder per DICOM series.")
 @click.option("--out", "run_dir", required=True, metavar="RUN_DIR",
@@ -62,6 +67,13 @@ def overrides_from_flags(flags: dict) -> dict:
               help="YAML with data/model/train sections; flags override it. With --resume the run's own "
                    "config.yaml is the default.")
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from its last checkpoint.")
+@click.option("--method", type=click.Choice(METHODS),
+              help="cyclegan: the paper's unpaired CycleGAN with MC dropout; unet, srgan: the paper's supervised "
+                   "baselines, trained on HR patches degraded to the LR voxel size (the LR folder gives the "
+                   "spacing only).  [default: cyclegan]")
+@click.option("--degradation-noise", type=float,
+              help="unet/srgan: std of the Gaussian noise added on the LR grid, normalised units.  [default: 0.05]")
+@click.option("--srgan-adv-weight", type=float, help="srgan: adversarial weight next to the pixel MSE.  [default: 1e-3]")
 @click.option("--epochs", type=int, help="Epochs to train (total, counting resumed ones).  [default: 50]")
 @click.option("--batch-size", type=int, help="Global batch size, split over replicas.  [default: 5]")
 @click.option("--steps-per-epoch", type=int, help="Steps per epoch.  [default: one pass over the smaller patch set]")
@@ -92,7 +104,8 @@ def overrides_from_flags(flags: dict) -> dict:
 @click.option("--image-every", type=int, help="Steps between TensorBoard image panels.  [default: 100]")
 @user_errors
 def command(lr_dir, hr_dir, run_dir, config_path, resume, **flags):
-    """Train the CycleGAN (G_L: LR -> HR) on unpaired LR and HR NIfTI folders.
+    """Train the CycleGAN (G_L: LR -> HR) on unpaired LR and HR NIfTI folders, or with --method unet|srgan
+    a supervised baseline on HR patches paired with their synthetic degradation.
 
     Watch it with `tensorboard --logdir RUN_DIR/logs`; a killed run continues with --resume.
     """
@@ -105,4 +118,5 @@ def command(lr_dir, hr_dir, run_dir, config_path, resume, **flags):
     result = train(cfg, lr_dir, hr_dir, run_dir, resume=resume)
     click.echo(f"Trained {result.steps} steps ({result.epochs} epochs): {result.generator_path}")
     if result.best_generator_path is not None:
-        click.echo(f"Best epoch (mean cycle loss {result.best_cycle_loss:.4f}): {result.best_generator_path}")
+        loss = "cycle loss" if cfg.model.method == "cyclegan" else "pixel loss"
+        click.echo(f"Best epoch (mean {loss} {result.best_cycle_loss:.4f}): {result.best_generator_path}")

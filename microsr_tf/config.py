@@ -2,6 +2,8 @@
 
 Defaults follow the paper (section 2 "Implementation", section 3): 256 px patches at stride 128,
 batch 5, Adam at 1e-4, 50 epochs, lambda_rec = 10, lambda_adv = 1, nine residual blocks, T = 100.
+``model.method`` picks the paper's CycleGAN or one of its supervised baselines (U-Net, SRGAN), which
+train on HR patches degraded the paper's way (``data.degradation_noise``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ DECODER_NORMS = ("instance", "none")
 GAN_LOSSES = ("bce", "lsgan")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 PRECISIONS = ("float32", "mixed_bfloat16")
+METHODS = ("cyclegan", "unet", "srgan")  # the paper's model and its two supervised baselines
 
 
 @dataclass
@@ -39,6 +42,10 @@ class DataConfig:
     shuffle_buffer: int = 512
     seed: int | None = None  # None: nondeterministic order; an int: reproducible streams
     shards_dir: str | None = None  # stream from `microsr-tf prepare` TFRecord shards instead
+    # Supervised baselines (model.method unet/srgan) train on HR patches degraded to the LR voxel size
+    # (anti-aliased bicubic) plus Gaussian noise of this std on the LR grid, in normalised [0, 1] units;
+    # the `small` phantoms' cone-beam noise is about 0.07 in these units.
+    degradation_noise: float = 0.05
 
     def validate(self) -> None:
         if self.patch_size < 8 or self.patch_size % 4:
@@ -53,12 +60,20 @@ class DataConfig:
             raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if not -3 <= self.axis <= 2:
             raise ConfigError(f"data.axis must be 0, 1 or 2 (or -3..-1 from the end), got {self.axis}")
+        if self.degradation_noise < 0:
+            raise ConfigError(f"data.degradation_noise must be >= 0, got {self.degradation_noise}")
 
 
 @dataclass
 class ModelConfig:
-    """Generator and critic architecture (ResNet generator, 70x70 PatchGAN)."""
+    """Generator and critic architecture (ResNet generator, 70x70 PatchGAN).
 
+    ``method`` "unet" and "srgan" reuse the sizes: ``ngf`` is the U-Net's first-level and the SRGAN
+    generator's filters, ``n_blocks`` the SRGAN generator's residual blocks, ``ndf`` the SRGAN critic's
+    first filters; the dropout and PatchGAN settings apply to the CycleGAN only.
+    """
+
+    method: str = "cyclegan"  # "cyclegan" (the paper), or the supervised baselines "unet" and "srgan"
     ngf: int = 64  # generator base filters
     n_blocks: int = 9  # residual blocks in the generator trunk
     upsample: str = "transpose"  # "transpose" (paper) or "resize" (nearest + conv, no checkerboard)
@@ -69,6 +84,8 @@ class ModelConfig:
     n_layers_d: int = 3  # stride-2 layers in the PatchGAN critic (3 -> 70x70 receptive field)
 
     def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"model.method must be one of {METHODS}, got {self.method!r}")
         if self.ngf < 1 or self.ndf < 1:
             raise ConfigError("model.ngf and model.ndf must be positive")
         if self.n_blocks < 0:
@@ -101,6 +118,7 @@ class TrainConfig:
     lambda_identity: float = 0.0  # identity loss weight (relative to lambda_rec); 0 disables it
     gan_loss: str = "bce"  # "bce" (log loss, the paper) or "lsgan"
     pool_size: int = 0  # history of generated images for the critics; 0 disables, 50 as CycleGAN
+    srgan_adv_weight: float = 1e-3  # SRGAN: weight of the adversarial term next to the pixel MSE (Ledig et al.)
     strategy: str = "auto"
     precision: str = "float32"  # "mixed_bfloat16": bf16 compute, float32 weights (fast on AMX/BF16 CPUs, GPUs)
     checkpoint_every: int = 100  # steps between checkpoints
@@ -121,7 +139,7 @@ class TrainConfig:
             raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if not 0.0 <= self.beta_1 < 1.0:
             raise ConfigError(f"train.beta_1 must be in [0, 1), got {self.beta_1}")
-        for name in ("lambda_rec", "lambda_adv", "lambda_identity"):
+        for name in ("lambda_rec", "lambda_adv", "lambda_identity", "srgan_adv_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.gan_loss not in GAN_LOSSES:

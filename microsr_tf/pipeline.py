@@ -5,6 +5,7 @@ are mapped to [0, 1] with the volume's statistics, the slice is cropped to its f
 into ``patch_size`` patches at ``stride``; patches with too little foreground are dropped (paper,
 section 3). Which patches exist is decided once, by an index pass over cheap native-resolution masks;
 the streams then read exactly those patches, so patch counts, NIfTI streams and shards always agree.
+:func:`make_hr_patches` gives the HR stream alone, for the supervised baselines.
 """
 
 from __future__ import annotations
@@ -435,3 +436,79 @@ def _shard_patches_by_position(source: _ShardSource, counts: list[int], position
         record = tf.data.TFRecordDataset(source.files[shard]).skip(int(pos - starts[shard])).take(1)
         out.extend(source.decode(r).numpy()[None] for r in record)
     return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------- HR only
+
+
+@dataclass
+class HRPatches:
+    """The HR patch stream alone, with the LR folder's spacing: what supervised training reads.
+
+    The LR volumes are opened for their in-plane spacing (which sets the degradation factors) and
+    nothing else; no LR slice is read.
+    """
+
+    lr_files: list[Path]
+    hr_files: list[Path]
+    lr_spacing: tuple[float, float]
+    hr_spacing: tuple[float, float]
+    factors: tuple[float, float]  # lr / hr spacing
+    hr_stats: IntensityStats
+    n_patches: int
+    val: np.ndarray  # fixed [n_val, p, p, 1] float32 patches for image panels
+    patch_size: int
+    cfg: DataConfig
+    _source: "_NiftiSource | _ShardSource" = dataclasses.field(repr=False)
+
+    def steps_per_epoch(self, global_batch_size: int) -> int:
+        """One pass over the HR patches: ``n // batch``, at least 1."""
+        return max(1, self.n_patches // int(global_batch_size))
+
+    def dataset(self, global_batch_size: int,
+                input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+        """Infinite ``[B, p, p, 1]`` float32 HR batches, shuffled as the HR stream of :class:`TrainingData`."""
+        batch = int(global_batch_size)
+        pipeline, n_pipelines = 0, 1
+        if input_context is not None:
+            batch = input_context.get_per_replica_batch_size(batch)
+            pipeline, n_pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
+        seed = _derive_seed(self.cfg.seed, 1, pipeline)
+        patches = self._source.patches(seed, pipeline, n_pipelines)
+        ds = patches.shuffle(self.cfg.shuffle_buffer, seed=seed).batch(batch, drop_remainder=True)
+        options = tf.data.Options()
+        options.deterministic = self.cfg.seed is not None
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def make_hr_patches(lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLike | None, cfg: DataConfig,
+                    n_val: int = 4) -> HRPatches:
+    """Index the HR folder's patches (or open ``cfg.shards_dir``'s HR shards) and read the LR spacing.
+
+    Every user mistake raises a one-line :class:`InputError`, as :func:`make_training_data`.
+    """
+    cfg.validate()
+    if cfg.shards_dir is not None:
+        shards_dir = Path(cfg.shards_dir)
+        index = read_shard_index(shards_dir)
+        if index["patch_size"] != cfg.patch_size:
+            raise InputError(shards_dir / INDEX_NAME, f"shards hold {index['patch_size']} px patches but "
+                                                      f"data.patch_size is {cfg.patch_size}")
+        entries = index["shards"]["hr"]
+        source = _ShardSource([shards_dir / e["file"] for e in entries], cfg.patch_size, index["dtype"])
+        n = int(index["counts"]["hr"])
+        return HRPatches(
+            lr_files=[Path(f) for f in index["lr_files"]], hr_files=[Path(f) for f in index["hr_files"]],
+            lr_spacing=tuple(index["lr_spacing"]), hr_spacing=tuple(index["hr_spacing"]),
+            factors=tuple(index["factors"]), hr_stats=IntensityStats.from_dict(index["hr_stats"]), n_patches=n,
+            val=_shard_patches_by_position(source, [e["count"] for e in entries], _val_positions(n, n_val)),
+            patch_size=cfg.patch_size, cfg=cfg, _source=source)
+    lr_paths, lr_spacing = _folder_volumes(lr_dir, "LR", cfg.axis)
+    hr_paths, hr_spacing = _folder_volumes(hr_dir, "HR", cfg.axis)
+    factors = check_coarser(lr_dir, lr_spacing, hr_spacing)
+    hr = _index_domain("HR", hr_dir, hr_paths, hr_spacing, None, cfg)
+    return HRPatches(
+        lr_files=lr_paths, hr_files=hr.paths, lr_spacing=lr_spacing, hr_spacing=hr.spacing, factors=factors,
+        hr_stats=combine_stats(hr.stats), n_patches=hr.n_patches,
+        val=hr.patches_by_position(_val_positions(hr.n_patches, n_val)), patch_size=cfg.patch_size, cfg=cfg,
+        _source=_NiftiSource(hr))

@@ -263,3 +263,12 @@ def test_auto_in_the_cli_reports_the_t_of_every_slice(tmp_path):
     bad = CliRunner().invoke(cli, ["predict", str(tmp_path / "ear.nii.gz"), "--model", str(tmp_path / "generator.keras"),
                                    "--out-dir", str(tmp_path / "bad"), "--samples", "lots"])
     assert bad.exit_code != 0 and "--samples" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_generator_without_dropout_gets_one_pass_and_an_exactly_zero_variance(images):
+    gen = tiny_generator("none")
+    result = MonteCarloPredictor(gen, samples=100, seed=1, percentiles=(5, 95)).predict(images)
+    np.testing.assert_array_equal(result.var, 0.0)  # exactly: T identical passes would round to ~1e-14
+    np.testing.assert_allclose(result.mean, gen(images).numpy(), atol=1e-5)  # batch of 1 vs 2: float rounding
+    np.testing.assert_array_equal(result.percentiles[5.0], result.mean)
+    assert result.samples == 100 and result.convergence["mean_max_change"] == 0.0

@@ -26,7 +26,7 @@ from ..preprocessing import IntensityStats, check_coarser, resample_slice, volum
 from ..volumes import (Volume, VolumeWriter, make_output_dir, nifti_stem, open_volume, resampled_affine,
                        resampled_shape)
 from ..models.generator import DOWNSCALE, PRECISIONS
-from .mc import AutoSamples, MCResult, MonteCarloPredictor, resolve_samples
+from .mc import AutoSamples, MCResult, MonteCarloPredictor, is_deterministic, resolve_samples
 from .stitching import MODES as STITCH_MODES
 from .stitching import predict_slice
 
@@ -300,9 +300,9 @@ def predict_volume(
     convergence: dict[str, float] = {}
     slice_samples = []
     with ExitStack() as stack:
-        description = plan.resampling.description() if plan.resampling else ""
+        notes = _descriptions(plan, meta, generator)
         writers = {key: stack.enter_context(VolumeWriter(path, plan.out_shape, plan.out_affine, axis=ax,
-                                                         header=vol.header, description=description))
+                                                         header=vol.header, description=notes.get(key, notes[""])))
                    for key, path in paths.items() if key != "preview"}
         for done, (k, raw) in enumerate(vol.iter_slices(ax, ks), start=1):
             lr_up = lr_stats.normalize(resample_slice(plan.lr_slice(raw[i0:i1, j0:j1]), plan.factors))
@@ -342,12 +342,26 @@ def input_stats(vol: Volume, axis: int, factors: Sequence[float], meta: Mapping[
     """
     if normalize == "model":
         if not meta.get("lr_stats"):
-            raise ConfigError("this model stores no LR statistics (trained before they were recorded); "
-                              "use normalize='volume'")
+            raise ConfigError("this model stores no LR statistics (a supervised baseline reads no LR voxels, "
+                              "and models trained before they were recorded lack them); use normalize='volume'")
         return IntensityStats.from_dict(meta["lr_stats"])
     if normalize != "volume":
         raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {normalize!r}")
     return volume_stats(vol, axis=axis, threshold=meta.get("roi_threshold_lr"), factors=factors)
+
+
+DETERMINISTIC_VARIANCE = "variance 0: deterministic {method} model, no MC dropout"
+
+
+def _descriptions(plan: VolumePlan, meta: Mapping[str, Any], generator: Any) -> dict[str, str]:
+    """NIfTI descriptions per output key ("" for all others): input resampling, and a deterministic
+    model's zero variance said where it is written."""
+    base = plan.resampling.description() if plan.resampling else ""
+    notes = {"": base}
+    if meta.get("deterministic") is True or is_deterministic(generator):
+        zero = DETERMINISTIC_VARIANCE.format(method=meta.get("method", "dropout-free"))
+        notes["var"] = notes["std"] = f"{zero}; {base}" if base else zero
+    return notes
 
 
 def _to_hr_units(res: MCResult, hr: IntensityStats, write_std: bool) -> dict[str, np.ndarray]:

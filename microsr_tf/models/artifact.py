@@ -19,9 +19,14 @@ import keras
 from microsr_tf.errors import InputError
 from microsr_tf.files import default_mode
 from microsr_tf.models.generator import ResnetGenerator
+from microsr_tf.models.srgan import SRResNetGenerator
+from microsr_tf.models.unet import UNetGenerator
 from microsr_tf.preprocessing import IntensityStats
 
 GENERATOR_FILE = "generator.keras"
+# What a generator archive may hold: the CycleGAN's G_L and the supervised baselines' generators.
+GENERATOR_CLASSES = (ResnetGenerator, UNetGenerator, SRResNetGenerator)
+Generator = ResnetGenerator | UNetGenerator | SRResNetGenerator
 
 
 def meta_path_for(path: str | os.PathLike) -> str:
@@ -44,7 +49,7 @@ def _atomic_write(path: str, suffix: str, write) -> str:
     return tmp
 
 
-def save_generator(generator: ResnetGenerator, path: str | os.PathLike, meta: dict[str, Any]) -> None:
+def save_generator(generator: Generator, path: str | os.PathLike, meta: dict[str, Any]) -> None:
     """Write ``generator`` to ``path`` (``*.keras``) and ``meta`` to ``*.meta.json``, each atomically."""
     path = os.fspath(path)
     if not path.endswith(".keras"):
@@ -131,7 +136,7 @@ def generator_file(path: str | os.PathLike) -> str:
     return model_path
 
 
-def load_generator(path: str | os.PathLike) -> tuple[ResnetGenerator, dict[str, Any]]:
+def load_generator(path: str | os.PathLike) -> tuple[Generator, dict[str, Any]]:
     """Load a generator and its metadata from a ``.keras`` file or a training run directory."""
     model_path = generator_file(path)
     meta = read_meta(meta_path_for(model_path))
@@ -140,6 +145,8 @@ def load_generator(path: str | os.PathLike) -> tuple[ResnetGenerator, dict[str, 
     except Exception as exc:  # Keras raises many types for corrupt or foreign archives
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(model_path, f"cannot load the Keras generator ({first})") from None
-    if not isinstance(model, ResnetGenerator):
-        raise InputError(model_path, f"holds a {type(model).__name__}, not a ResnetGenerator")
+    if not isinstance(model, GENERATOR_CLASSES):
+        names = [cls.__name__ for cls in GENERATOR_CLASSES]
+        known = ", ".join(names[:-1]) + " or " + names[-1]
+        raise InputError(model_path, f"holds a {type(model).__name__}, not a {known}")
     return model, meta

@@ -30,19 +30,21 @@ def epoch_means(logs: dict | None) -> dict[str, float]:
 
 class CheckpointSaver(keras.callbacks.Callback):
     """Saves the full training state every ``every`` steps and at each epoch end; tracks the best
-    epoch (lowest mean cycle loss) and stops, without saving, when a loss turns NaN or infinite.
+    epoch (lowest epoch mean of ``best_key``, the cycle loss by default) and stops, without saving,
+    when a loss turns NaN or infinite.
 
     ``on_best()`` is called after each new best epoch has been checkpointed (e.g. to export the
     generator). ``diverged`` is ``(step, loss name)`` once a non-finite loss was seen.
     """
 
     def __init__(self, manager: tf.train.CheckpointManager, every: int, best_cycle: tf.Variable,
-                 on_best: Callable[[], None] | None = None):
+                 on_best: Callable[[], None] | None = None, best_key: str = "cycle_loss"):
         super().__init__()
         self.manager = manager
         self.every = int(every)
         self.best_cycle = best_cycle
         self.on_best = on_best
+        self.best_key = best_key
         self.diverged: tuple[int, str] | None = None
         self.history: list[dict[str, float]] = []
         self._saved_step = -1
@@ -71,9 +73,9 @@ class CheckpointSaver(keras.callbacks.Callback):
             return
         means = epoch_means(logs)
         self.history.append({"epoch": epoch + 1, "step": step, **means})
-        improved = means.get("cycle_loss", math.inf) < float(self.best_cycle.numpy())
+        improved = means.get(self.best_key, math.inf) < float(self.best_cycle.numpy())
         if improved:
-            self.best_cycle.assign(means["cycle_loss"])
+            self.best_cycle.assign(means[self.best_key])
         # A new best changes the state even when this step was just saved by the periodic save:
         # save again, or a resumed run would compare later epochs against a stale best.
         self._save(step, force=improved)
@@ -100,14 +102,19 @@ def image_panel(model: CycleGAN, val_lr: np.ndarray, val_hr: np.ndarray, mc_samp
 
 class TensorBoardLogger(keras.callbacks.Callback):
     """Scalars every ``log_every`` steps (``step/*``: this step's losses, learning rate), epoch means
-    at each epoch end (``epoch/*``), and the validation image panel every ``image_every`` steps."""
+    at each epoch end (``epoch/*``), and the validation image panel every ``image_every`` steps
+    (``panel(model, val_lr, val_hr, mc_samples)`` under ``panel_tag``; the CycleGAN's by default)."""
 
     def __init__(self, writer: tf.summary.SummaryWriter, log_every: int, image_every: int,
-                 val_lr: np.ndarray, val_hr: np.ndarray, mc_samples: int):
+                 val_lr: np.ndarray, val_hr: np.ndarray, mc_samples: int,
+                 panel: Callable[..., tf.Tensor] | None = None,
+                 panel_tag: str = "validation/lr|g_l|cycle|hr|variance"):
         super().__init__()
         self.writer = writer
         self.log_every, self.image_every = int(log_every), int(image_every)
         self.val_lr, self.val_hr, self.mc_samples = val_lr, val_hr, int(mc_samples)
+        self.panel = panel if panel is not None else image_panel
+        self.panel_tag = panel_tag
 
     def on_train_batch_end(self, batch, logs=None):
         step = global_step(self.model)
@@ -118,8 +125,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
                         tf.summary.scalar(name, value)
                 tf.summary.scalar("learning_rate", float(tf.convert_to_tensor(self.model.optimizer.learning_rate)))
             if step % self.image_every == 0 and len(self.val_lr):
-                tf.summary.image("validation/lr|g_l|cycle|hr|variance",
-                                 image_panel(self.model, self.val_lr, self.val_hr, self.mc_samples))
+                tf.summary.image(self.panel_tag, self.panel(self.model, self.val_lr, self.val_hr, self.mc_samples))
 
     def on_epoch_end(self, epoch, logs=None):
         with self.writer.as_default(step=global_step(self.model)):

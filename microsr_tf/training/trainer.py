@@ -1,13 +1,16 @@
-"""Train the CycleGAN into a run directory: the library side of ``microsr-tf train``.
+"""Train the CycleGAN, or a supervised baseline (``model.method``), into a run directory: the
+library side of ``microsr-tf train``. What differs between methods comes from
+:mod:`microsr_tf.training.methods`; the run itself is the same.
 
 Layout of ``RUN_DIR``::
 
     config.yaml            the resolved configuration of the run
     logs/                  TensorBoard: step and epoch losses, learning rate, image panels
-    checkpoints/           full training state (weights, both optimizers, step counter, best loss)
-    generator.keras        G_L at the end of training (+ generator.meta.json), float32 whatever
-                           train.precision was
-    generator_best.keras   G_L after the epoch with the lowest mean cycle loss (+ .meta.json)
+    checkpoints/           full training state (weights, optimizers, step counter, best loss)
+    generator.keras        G_L (or the baseline's generator) at the end of training (+
+                           generator.meta.json), float32 whatever train.precision was
+    generator_best.keras   the generator after the epoch with the lowest mean cycle loss (baselines:
+                           pixel loss) (+ .meta.json)
 
 Everything that can be checked is checked before ``RUN_DIR`` is created, and a run that fails
 before its first checkpoint removes the directory it created.
@@ -27,11 +30,13 @@ import tensorflow as tf
 import yaml
 
 from microsr_tf.config import Config
+from microsr_tf.degradation import PairedData
 from microsr_tf.errors import ConfigError, InputError, MicrosrError
 from microsr_tf.models.artifact import save_generator
-from microsr_tf.models.cyclegan import CycleGAN, build_cyclegan, float32_generator, make_optimizer
-from microsr_tf.pipeline import TrainingData, make_training_data
+from microsr_tf.models.cyclegan import float32_generator
+from microsr_tf.pipeline import TrainingData
 from microsr_tf.training.callbacks import CheckpointSaver, ProgressBar, TensorBoardLogger, summary_writer
+from microsr_tf.training.methods import build_method, is_deterministic, method_data
 from microsr_tf.training.multiworker import custom_loop
 from microsr_tf.training.strategy import WorkerDir, check_batch_size, is_chief, is_multiworker, make_strategy
 from microsr_tf.volumes import make_output_dir
@@ -58,7 +63,7 @@ class TrainResult:
     steps: int  # global step reached (optimizer iterations)
     epochs: int
     history: list[dict[str, float]]  # epoch means of this invocation: {"epoch", "step", "<loss>": ...}
-    best_cycle_loss: float
+    best_cycle_loss: float  # lowest epoch-mean cycle loss (baselines: pixel loss)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
@@ -66,10 +71,16 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
     return tf.train.latest_checkpoint(os.path.join(os.fspath(run_dir), CHECKPOINT_DIR))
 
 
-def generator_meta(cfg: Config, data: TrainingData) -> dict:
-    """Metadata stored beside the generator; the prediction stage reads exactly these keys."""
+def generator_meta(cfg: Config, data: TrainingData | PairedData) -> dict:
+    """Metadata stored beside the generator; the prediction stage reads exactly these keys.
+
+    ``deterministic`` is true when the generator has nothing random (a baseline, or a CycleGAN without
+    dropout): its Monte Carlo variance is zero.
+    """
     return {
         "format": 1,
+        "method": cfg.model.method,
+        "deterministic": is_deterministic(cfg.model),
         "hr_spacing": [float(s) for s in data.hr_spacing],
         "lr_spacing": [float(s) for s in data.lr_spacing],
         "factors": [float(f) for f in data.factors],
@@ -118,7 +129,7 @@ def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
         raise ConfigError(f"{path}: does not match this run's model ({str(exc).splitlines()[0]})") from None
 
 
-def _fit(model: CycleGAN, dataset: tf.data.Dataset, epochs: int, steps_per_epoch: int, callbacks: list) -> None:
+def _fit(model: keras.Model, dataset: tf.data.Dataset, epochs: int, steps_per_epoch: int, callbacks: list) -> None:
     """``fit`` from the model's current step; a resumed run first finishes its interrupted epoch."""
     done = int(model.optimizer.iterations.numpy())
     epoch, offset = divmod(done, steps_per_epoch)
@@ -135,7 +146,8 @@ def _fit(model: CycleGAN, dataset: tf.data.Dataset, epochs: int, steps_per_epoch
 
 def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLike | None,
           run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train G_L/G_H/D_L/D_H on unpaired LR and HR folders into ``run_dir`` (see the module doc).
+    """Train ``cfg.model.method`` on the LR and HR folders into ``run_dir`` (see the module doc): the
+    CycleGAN's G_L/G_H/D_L/D_H on unpaired patches, or a baseline on degraded HR patches.
 
     With ``resume`` the run continues from the newest checkpoint in ``run_dir`` with the same step
     counter, optimizer states and learning-rate schedule. Raises :class:`InputError` /
@@ -147,7 +159,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
     strategy = make_strategy(tc.strategy)
     check_batch_size(tc.batch_size, strategy)
     _check_run_dir(cfg, run_dir, resume)
-    data = make_training_data(lr_dir, hr_dir, cfg.data, n_val=tc.n_val_patches)
+    data = method_data(cfg, lr_dir, hr_dir, n_val=tc.n_val_patches)
     steps_per_epoch = tc.steps_per_epoch or data.steps_per_epoch(tc.batch_size)
     keras.utils.set_random_seed(tc.seed)
 
@@ -160,32 +172,26 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
         make_output_dir(out_dir)
         cfg.save(out_dir / CONFIG_FILE)
         with strategy.scope():
-            model = build_cyclegan(cfg.model, tc, cfg.data.patch_size)
-            # No whole-step XLA (Keras' "auto" would turn it on for one GPU): it measured no faster on
-            # CPU and blew up compile time and memory around the generator's own XLA-fused kernels.
-            model.compile(make_optimizer(tc, steps_per_epoch, "g_adam"),
-                          make_optimizer(tc, steps_per_epoch, "d_adam"), jit_compile=False)
+            setup = build_method(cfg, steps_per_epoch)
+            model = setup.model
             best_cycle = tf.Variable(math.inf, trainable=False, name="best_cycle_loss")
-        pools = {k: p for k, p in (("pool_l", model.pool_l), ("pool_h", model.pool_h)) if p is not None}
-        checkpoint = tf.train.Checkpoint(g_l=model.g_l, g_h=model.g_h, d_l=model.d_l, d_h=model.d_h,
-                                         g_optimizer=model.optimizer, d_optimizer=model.d_optimizer,
-                                         best_cycle_loss=best_cycle, **pools)
+        checkpoint = tf.train.Checkpoint(best_cycle_loss=best_cycle, **setup.checkpoint_objects)
         manager = tf.train.CheckpointManager(checkpoint, str(out_dir / CHECKPOINT_DIR), KEEP_CHECKPOINTS)
         if resume:
             _restore(checkpoint, latest_checkpoint(run_dir))
 
         meta = generator_meta(cfg, data)
         best_path = run_dir / BEST_GENERATOR_FILE
-        saver = CheckpointSaver(manager, tc.checkpoint_every, best_cycle,
-                                on_best=(lambda: save_generator(float32_generator(model.g_l), best_path, meta)) if chief else None)
+        saver = CheckpointSaver(manager, tc.checkpoint_every, best_cycle, best_key=setup.best_loss,
+                                on_best=(lambda: save_generator(float32_generator(setup.generator), best_path, meta)) if chief else None)
         callbacks: list[keras.callbacks.Callback] = [saver]
         writer = None
         if chief:
             writer = summary_writer(out_dir / LOG_DIR)
             callbacks.append(TensorBoardLogger(writer, tc.log_every, tc.image_every, data.val_lr, data.val_hr,
-                                               tc.mc_samples_val))
+                                               tc.mc_samples_val, setup.panel, setup.panel_tag))
             if progress:
-                callbacks.append(ProgressBar(tc.epochs))
+                callbacks.append(ProgressBar(tc.epochs, setup.shown_losses))
 
         if is_multiworker(strategy):
             custom_loop(model, strategy, lambda ctx: data.dataset(tc.batch_size, ctx), tc.epochs,
@@ -203,7 +209,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
             raise TrainingDiverged(f"{run_dir}: training diverged: {name} became NaN/Inf at step {step}; {kept}")
         generator_path = run_dir / GENERATOR_FILE
         if chief:
-            save_generator(float32_generator(model.g_l), generator_path, meta)
+            save_generator(float32_generator(setup.generator), generator_path, meta)
         return TrainResult(run_dir=run_dir, generator_path=generator_path,
                            best_generator_path=best_path if best_path.exists() else None, steps=steps,
                            epochs=steps // steps_per_epoch, history=saver.history,

@@ -10,7 +10,9 @@ and runs with or without XLA (``jit_compile``), and in float32 or ``mixed_bfloat
 (``TrainConfig.precision``: bfloat16 convolutions, float32 weights and losses).
 
 Variants are interleaved over several rounds and the median is reported, so a busy machine
-skews them alike. Run: ``python benchmarks/bench_train.py [--patch 64 --ngf 16 ...]``.
+skews them alike. When PyTorch is installed (a CPU build; not a dependency of the package), a PyTorch
+step with the same networks and objective (``torch_reference.py``) runs beside them. Run:
+``python benchmarks/bench_train.py [--patch 64 --ngf 16 ...]``.
 """
 
 from __future__ import annotations
@@ -104,6 +106,29 @@ def _time_fit_step(model, iterator, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def _torch_runner(args, mc: ModelConfig, tc: TrainConfig) -> dict:
+    """The PyTorch reference step (``torch_reference.py``) on the same batches, if torch is installed."""
+    try:
+        import torch
+
+        from torch_reference import TorchCycleGANStep
+    except ImportError:
+        return {}
+    step = TorchCycleGANStep(mc.ngf, mc.n_blocks, mc.ndf, mc.n_layers_d, tc.lambda_rec, tc.lambda_adv,
+                             tc.learning_rate, tc.beta_1, threads=os.cpu_count())
+    rng = np.random.default_rng(0)
+    batches = [tuple(torch.from_numpy(rng.random((args.batch, 1, args.patch, args.patch), dtype=np.float32))
+                     for _ in range(2)) for _ in range(8)]
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        for i in range(n):
+            step.step(*batches[i % len(batches)])
+        return time.perf_counter() - start
+
+    return {f"PyTorch {torch.__version__} reference step (same networks, G then D)": run}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--patch", type=int, default=64)
@@ -114,6 +139,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-xla", action="store_true", help="skip the jit_compile variant")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference step (when torch is installed)")
     args = ap.parse_args()
 
     mc = ModelConfig(ngf=args.ngf, n_blocks=args.n_blocks, ndf=args.ndf)
@@ -136,6 +162,9 @@ def main() -> None:
         name = ("fused train_step, mixed_bfloat16" if precision != "float32"
                 else f"fused train_step (fit's train_function){' + XLA' if jit else ''}")
         runners[name] = lambda n, m=model, it=iter(dataset): _time_fit_step(m, it, n)
+
+    if not args.no_torch:
+        runners.update(_torch_runner(args, mc, tc))
 
     compile_s = {}
     for name, run in runners.items():  # trace / compile, then one untimed warm-up round

@@ -54,6 +54,16 @@ def parse_percentiles(text: str | None) -> tuple[float, ...]:
     return values
 
 
+def parse_samples(text: str) -> int | str:
+    """``--samples``: a whole number, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--samples: expected a whole number of Monte Carlo samples or 'auto', got {text!r}") from None
+
+
 def _read_token(token_file: str | None) -> str | None:
     """The bearer token from ``token_file``, else ``MICROSR_SERVING_TOKEN``, else None."""
     if token_file is None:
@@ -104,10 +114,12 @@ class _Progress:
                    "Required unless --server is given.")
 @click.option("--out-dir", required=True, metavar="DIR",
               help="Where NAME_mean.nii.gz and NAME_var.nii.gz are written (created if missing).")
-@click.option("--samples", "-T", type=int, default=100, show_default=True,
+@click.option("--samples", "-T", "samples_text", default="100", show_default=True, metavar="T|auto",
               help="Monte Carlo dropout samples T per voxel (the paper uses 100). Each sample is one "
                    "stochastic pass of the part of the generator after its dropout layer (the part before "
-                   "it runs once), so prediction time grows about linearly with T. At least 2.")
+                   "it runs once), so prediction time grows about linearly with T. At least 2. 'auto': each "
+                   "slice samples until its posterior mean and variance have converged (at most 100; the T "
+                   "of every slice is reported).")
 @click.option("--seed", type=int, default=None,
               help="Base seed of the dropout masks; the same seed gives identical files. Default: random "
                    "(the seed used is reported). In [0, 2^31 - 1].")
@@ -165,7 +177,7 @@ class _Progress:
 @click.option("--max-message-mb", type=click.FloatRange(min=0, min_open=True), default=256.0, show_default=True,
               help="Largest gRPC message sent or accepted (gRPC's own default is 4 MB).")
 @user_errors
-def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_budget, roi_text, axis,
+def command(inputs, model_path, out_dir, samples_text, seed, stitch, tile, memory_budget, roi_text, axis,
             write_std, percentiles_text, preview, precision, normalize, resample_input, server, model_name,
             model_version, protocol, tls, tls_ca, tls_cert, tls_key, token_file, insecure, timeout_s, retries,
             max_message_mb) -> None:
@@ -185,6 +197,7 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_bud
     with option_values():
         roi = parse_roi(roi_text)
         percentiles = parse_percentiles(percentiles_text)
+        samples = parse_samples(samples_text)
         check_options(samples=samples, seed=seed, stitch=stitch, tile=tile, percentiles=percentiles,
                       precision=precision, normalize=normalize)
         memory_budget = resolve_memory_budget(memory_budget)
@@ -204,6 +217,8 @@ def command(inputs, model_path, out_dir, samples, seed, stitch, tile, memory_bud
                 raise ConfigError("--percentiles needs the raw Monte Carlo samples, which a server does not return")
             if precision != "float32":
                 raise ConfigError("--precision is for local prediction; the server runs its export in float32")
+            if samples == "auto":
+                raise ConfigError("--samples auto is for local prediction; give the server a number of samples")
         from microsr_tf.serving import ServingClient, remote_engine, served_meta
 
         client = ServingClient(server, model_name, protocol, model_version, tls=tls, ca_file=tls_ca,

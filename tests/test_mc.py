@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from microsr_tf.errors import ConfigError, InputError
-from microsr_tf.inference.mc import (MonteCarloPredictor, _Moments, convergence_figures, naive_predict,
-                                     seed_rows)
+from microsr_tf.inference.mc import (AutoSamples, MonteCarloPredictor, _Moments, convergence_figures,
+                                     naive_predict, seed_rows)
 from microsr_tf.models.generator import ResnetGenerator
 from microsr_tf.models.dropout import image_seeds
 
@@ -166,6 +166,103 @@ def test_bfloat16_posterior_is_close_to_float32_and_reproducible(images, positio
     np.testing.assert_array_equal(again.var, fast.var)
     other = predictor.predict(images, seed=4)
     assert not np.array_equal(other.mean, fast.mean)
+
+
+# ----- samples="auto" ---------------------------------------------------------------------------------
+
+class Deterministic:
+    """A contract-following model whose samples ignore their seed rows: every sample is ``0.5 * x``."""
+
+    def deterministic_prefix(self, x):
+        return (0.5 * tf.convert_to_tensor(x),)
+
+    def stochastic_suffix(self, features, seed):
+        return features[0]
+
+    def __call__(self, x, seed=None):
+        return self.stochastic_suffix(self.deterministic_prefix(x), seed)
+
+
+def first_converged(stack: np.ndarray, auto: AutoSamples) -> int:
+    """The ``T`` the documented rule picks, from ``[T, ...]`` samples with numpy: the first checkpoint whose
+    figures between ``T // 2`` and ``T`` meet both tolerances, else the last."""
+    for t in auto.checkpoints:
+        half, full = stack[:t // 2], stack[:t]
+        figures = convergence_figures(half.mean(0), half.var(0), full.mean(0), full.var(0))
+        if figures["mean_rel_change"] <= auto.mean_tolerance and figures["var_rel_change"] <= auto.var_tolerance:
+            return t
+    return auto.max_samples
+
+
+def test_auto_checkpoints_step_by_sqrt2_and_bad_settings_are_config_errors():
+    assert AutoSamples().checkpoints == (12, 17, 25, 35, 50, 71, 100)
+    assert AutoSamples(max_samples=20).checkpoints == (10, 14, 20)
+    for bad in ({"max_samples": 1}, {"min_samples": 200}, {"mean_tolerance": -0.1}, {"var_tolerance": "x"}):
+        with pytest.raises(ConfigError):
+            AutoSamples(**bad)
+    with pytest.raises(ConfigError, match="'auto'"):
+        MonteCarloPredictor(tiny_generator(), samples="many")
+
+
+def test_auto_stops_a_deterministic_model_at_the_first_check(images):
+    result = MonteCarloPredictor(Deterministic(), samples="auto", seed=0).predict(images)
+    assert result.image_samples == (12, 12) and result.samples == 12
+    np.testing.assert_allclose(result.mean, 0.5 * images, atol=1e-7)
+    assert result.var.max() < 1e-12  # float rounding only
+
+
+@pytest.mark.parametrize("decoder_norm", ["instance", "none"])
+def test_auto_stops_where_the_rule_says_and_equals_the_fixed_t_posterior_there(images, decoder_norm):
+    tf.keras.utils.set_random_seed(0)
+    gen = ResnetGenerator(ngf=4, n_blocks=2, dropout_position="bottleneck", decoder_norm=decoder_norm)
+    auto = AutoSamples()
+    result = MonteCarloPredictor(gen, samples=auto, seed=7).predict(images)
+    stack = naive_samples(gen, images, 100, 7).astype(np.float64)
+    expected = tuple(first_converged(stack[:, b], auto) for b in range(len(images)))
+    assert result.image_samples == expected
+    assert min(expected) > auto.checkpoints[0]  # dropout noise: more than the first check's samples
+    for b, t in enumerate(expected):
+        fixed = MonteCarloPredictor(gen, samples=t, seed=int(image_seeds(7, 2)[b])).predict(images[b:b + 1])
+        np.testing.assert_allclose(result.mean[b], fixed.mean[0], atol=1e-6)
+        np.testing.assert_allclose(result.var[b], fixed.var[0], atol=1e-7)
+        np.testing.assert_allclose(result.mean[b], stack[:t, b].mean(0), atol=1e-5)
+
+
+def test_auto_in_the_cli_reports_the_t_of_every_slice(tmp_path):
+    import nibabel as nib
+    from click.testing import CliRunner
+
+    from microsr_tf.cli.main import cli
+    from microsr_tf.inference.predict import predict_volume, slice_seed
+    from microsr_tf.models.artifact import save_generator
+    from microsr_tf.preprocessing import IntensityStats
+
+    gen = tiny_generator()
+    gen(np.zeros((1, 32, 32, 1), np.float32))
+    meta = {"format": 1, "hr_spacing": [0.1, 0.1], "lr_spacing": [0.4, 0.4], "factors": [4.0, 4.0],
+            "hr_stats": IntensityStats(2000.0, 500.0, -3.0, 3.0).to_dict(), "model": {"ngf": 4, "n_blocks": 2},
+            "patch_size": 32, "axis": -1}
+    save_generator(gen, tmp_path / "generator.keras", meta)
+    rng = np.random.default_rng(0)
+    data = 100 + 400 * rng.random((8, 8, 3))
+    nib.save(nib.Nifti1Image(data.astype(np.int16), np.diag([0.4, 0.4, 0.8, 1.0])), tmp_path / "ear.nii.gz")
+    run = CliRunner().invoke(cli, ["predict", str(tmp_path / "ear.nii.gz"), "--model", str(tmp_path / "generator.keras"),
+                                   "--out-dir", str(tmp_path / "out"), "--samples", "auto", "--seed", "5"])
+    assert run.exit_code == 0, run.output
+    assert "T=auto (" in run.output
+    result = predict_volume(tmp_path / "ear.nii.gz", gen, meta, tmp_path / "again", samples="auto", seed=5)
+    assert len(result.slice_samples) == 3 and set(result.slice_samples) <= set(AutoSamples().checkpoints)
+    assert result.auto and result.samples == max(result.slice_samples)
+    # slice k equals a fixed-T prediction of the volume at slice k's T
+    t = result.slice_samples[1]
+    fixed = predict_volume(tmp_path / "ear.nii.gz", gen, meta, tmp_path / "fixed", samples=t, seed=5)
+    a, b = (nib.load(r.outputs["mean"]).get_fdata()[:, :, 1] for r in (result, fixed))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3)
+    assert f"T={t}" in fixed.summary()
+    assert slice_seed(5, 1) != slice_seed(5, 2)
+    bad = CliRunner().invoke(cli, ["predict", str(tmp_path / "ear.nii.gz"), "--model", str(tmp_path / "generator.keras"),
+                                   "--out-dir", str(tmp_path / "bad"), "--samples", "lots"])
+    assert bad.exit_code != 0 and "--samples" in bad.output and "Traceback" not in bad.output
 
 
 def test_a_generator_without_dropout_gets_one_pass_and_an_exactly_zero_variance(images):

@@ -8,11 +8,13 @@ Every sample shares the generator's deterministic prefix (everything before the 
 dropout), so the prefix runs once per image and only the stochastic suffix runs ``T`` times, on the
 prefix features repeated along the batch axis in chunks sized to a memory budget. When the generator's
 decoder is local (``decoder_norm="none"``: no statistics over the image after the dropout), the suffix
-runs in full-width stripes of rows with a halo covering the decoder's reach, which bounds memory for
-large slices and keeps the working set small. Mean and variance are accumulated chunk by chunk with
+runs in full-width stripes of rows with a halo covering the decoder's reach (``decoder_reach``), which
+bounds memory for large slices and keeps the working set near the caches. Mean and variance are accumulated chunk by chunk with
 Chan's parallel merge of moments, so memory does not grow with ``T``. Sample ``t`` of an image with
 seed ``s`` uses the dropout seed row ``[s, t]``, which makes the result equal to :func:`naive_predict`
-(``T`` full passes with the same rows).
+(``T`` full passes with the same rows). ``samples="auto"`` stops each image at the first of a few
+checkpoints where its posterior has converged (:class:`AutoSamples`); that result equals the fixed-``T``
+one at the same ``T``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,16 @@ import tensorflow as tf
 from microsr_tf.config import MAX_SEED
 from microsr_tf.errors import ConfigError, InputError
 from microsr_tf.models.dropout import image_seeds
-from microsr_tf.models.generator import DECODER_HALO, DOWNSCALE, with_precision
+from microsr_tf.models.generator import DOWNSCALE, with_precision
 
 _LIVE_FACTOR = 3  # live activations of a conv stack ~ input + output + one skip of the largest tensor
 AUTO_BUDGET_FRACTION = 0.5  # "auto" memory budget: this share of the memory available when predicting starts
-_MAX_STRIPE_CHUNK = 16  # samples per stripe pass: enough to keep the matrix units busy, few enough to cache
+# Stripes of a local decoder (measured at the paper's width on a 1832 px wide slice): 8 samples per pass
+# and 32 or more trunk rows per stripe run within ~15% of the fastest layout; 8-row stripes lose a third
+# to their halo rows, and larger chunks or taller stripes only add memory.
+_MAX_STRIPE_CHUNK = 8  # samples per stripe pass
+_STRIPE_BYTES = 2 << 30  # live activations one stripe pass of a chunk aims at
+_MIN_OWNED_ROWS = 16  # trunk rows a stripe owns at least, so that its 3 halo rows stay a small share
 
 
 @dataclass
@@ -41,8 +48,9 @@ class MCResult:
 
     ``mean``/``var`` are ``[N, H, W, 1]`` from :meth:`MonteCarloPredictor.predict` and ``[H, W]`` for a
     slice. ``percentiles`` maps q (0-100) to the per-pixel q-th percentile of the samples (only when
-    asked for). ``convergence`` compares the moments after ``samples // 2`` and ``samples`` passes
-    (see :func:`convergence_figures`).
+    asked for). ``convergence`` compares the moments after ``T // 2`` and ``T`` passes of each image
+    (see :func:`convergence_figures`). ``image_samples`` is each image's ``T``: all ``samples`` for a
+    fixed ``T``; with ``samples="auto"`` each image stops where it converged.
     """
 
     mean: np.ndarray
@@ -51,6 +59,7 @@ class MCResult:
     seed: int | tuple[int, ...]
     percentiles: dict[float, np.ndarray] | None = None
     convergence: dict[str, float] = field(default_factory=dict)
+    image_samples: tuple[int, ...] = ()  # T each image used (they differ under samples="auto"); samples is the most
 
     @property
     def std(self) -> np.ndarray:
@@ -72,16 +81,74 @@ def convergence_figures(mean_half: np.ndarray, var_half: np.ndarray, mean: np.nd
     ``mean_max_change``: largest absolute change of the mean (intensity units, images are in [0, 1]);
     ``var_max_rel_change``: largest absolute change of the variance over the largest variance.
     The Monte Carlo error shrinks like ``1/sqrt(T)``, so doubling ``T`` roughly divides these by 1.4.
+    Variances below the float32 rounding of the samples (``(eps * max |mean|)^2``) count as zero, so a
+    model whose samples all agree shows no change rather than a relative change of rounding noise.
     """
     tiny = np.finfo(np.float64).tiny
     dm = np.abs(np.asarray(mean, np.float64) - mean_half)
     dv = np.abs(np.asarray(var, np.float64) - var_half)
+    rounding = (float(np.finfo(np.float32).eps) * float(np.abs(mean).max(initial=0.0))) ** 2
+    dv = np.where(dv > rounding, dv, 0.0)
     return {
         "mean_rel_change": float(dm.mean() / max(float(np.abs(mean).mean()), tiny)),
         "mean_max_change": float(dm.max()),
-        "var_rel_change": float(dv.mean() / max(float(np.mean(var)), tiny)),
-        "var_max_rel_change": float(dv.max() / max(float(np.max(var)), tiny)),
+        "var_rel_change": float(dv.mean() / max(float(np.mean(var)), rounding, tiny)),
+        "var_max_rel_change": float(dv.max() / max(float(np.max(var)), rounding, tiny)),
     }
+
+
+@dataclass(frozen=True)
+class AutoSamples:
+    """``samples="auto"``: sample each image until its posterior has converged, at most ``max_samples``.
+
+    Convergence is checked at about every factor sqrt(2) of ``T`` up to ``max_samples`` and from
+    ``min_samples`` on (for 100: ``T`` = 12, 17, 25, 35, 50, 71, 100), each time with
+    :func:`convergence_figures` between ``T // 2`` and ``T`` samples. An image stops at the first ``T``
+    where its posterior mean moved by at most ``mean_tolerance`` of its average magnitude
+    (``mean_rel_change``) and its variance by at most ``var_tolerance`` of its average
+    (``var_rel_change``); the result is then exactly the fixed-``T`` posterior at that ``T``.
+
+    Both figures shrink like ``1/sqrt(T)``. The mean's is about ``0.8 * noise / intensity / sqrt(T)``,
+    so images whose dropout noise is small beside their intensity stop first; the variance's is about
+    ``1.1 / sqrt(T)`` for Gaussian noise of any size (1.7 for the bundled model), so ``var_tolerance``
+    sets how many samples any noisy image needs. The defaults let the variance move by a quarter and
+    the mean by 2%: the bundled model stops its phantom slices at ``T`` = 50-71 (``T`` = 100 reaches
+    0.014 and 0.17; ``benchmarks/bench_auto_samples.py``). An image whose samples all agree stops at
+    the first check.
+    """
+
+    max_samples: int = 100
+    min_samples: int = 10
+    mean_tolerance: float = 0.02
+    var_tolerance: float = 0.25
+
+    def __post_init__(self):
+        for name in ("max_samples", "min_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 2:
+                raise ConfigError(f"AutoSamples.{name} must be an integer >= 2, got {value!r}")
+        if self.min_samples > self.max_samples:
+            raise ConfigError(f"AutoSamples.min_samples ({self.min_samples}) exceeds max_samples ({self.max_samples})")
+        for name in ("mean_tolerance", "var_tolerance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"AutoSamples.{name} must be a number >= 0, got {value!r}")
+
+    @property
+    def checkpoints(self) -> tuple[int, ...]:
+        """The ``T`` at which convergence is checked, in order: ``max_samples`` and ``round(max_samples /
+        sqrt(2))``, each halved again and again while at least ``min_samples``; ``max_samples`` is the last."""
+        points = {self.max_samples}
+        for start in (self.max_samples, round(self.max_samples / math.sqrt(2))):
+            t = start
+            while t >= self.min_samples:
+                points.add(t)
+                t //= 2
+        return tuple(sorted(points))
+
+    def converged(self, figures: dict[str, float]) -> bool:
+        """Whether :func:`convergence_figures` between ``T // 2`` and ``T`` meet both tolerances."""
+        return figures["mean_rel_change"] <= self.mean_tolerance and figures["var_rel_change"] <= self.var_tolerance
 
 
 class _Moments:
@@ -173,7 +240,11 @@ def _resolve_seeds(seed, n: int) -> tuple[int | tuple[int, ...], np.ndarray]:
 
 
 def _per_example_bytes(graph: tf.Graph) -> int:
-    """Bytes of the largest per-example tensor in a graph traced with a ``None`` batch dimension."""
+    """Bytes of the largest per-example tensor in a graph traced with a ``None`` batch dimension.
+
+    Floating tensors count at least 4 bytes an element: the fused kernels (instance norm, output head)
+    compute in float32 inside, on temporaries the graph does not show, whatever their inputs' dtype.
+    """
     largest = 0
     for op in graph.get_operations():
         for t in op.outputs:
@@ -182,7 +253,8 @@ def _per_example_bytes(graph: tf.Graph) -> int:
                 continue
             if not (t.dtype.is_floating or t.dtype.is_integer or t.dtype == tf.bool):
                 continue
-            largest = max(largest, math.prod(dims[1:]) * t.dtype.size)
+            size = max(t.dtype.size, 4) if t.dtype.is_floating else t.dtype.size
+            largest = max(largest, math.prod(dims[1:]) * size)
     return largest
 
 
@@ -194,10 +266,10 @@ def _spec_bytes(specs) -> int:
 class _Plan:
     """Per image size: the traced functions and what one image's one pass costs in memory.
 
-    ``bytes_per_sample``: one whole-image suffix pass. With a local decoder, ``stripe_rows`` is the
-    number of trunk rows a stripe owns (all of them when one stripe is the whole image),
-    ``window_rows`` the rows it reads (owned rows plus halos), and ``bytes_per_window`` one pass over
-    one window.
+    ``bytes_per_sample``: one whole-image suffix pass. With a local decoder, ``bytes_per_window_row`` is
+    one sample's live memory per trunk row of a stripe's window, and ``trunk_bytes`` one sample's whole
+    trunk output (held while its stripes are decoded; none for bottleneck dropout, whose stripes start
+    from the shared prefix features).
     """
 
     prefix: Callable
@@ -210,28 +282,41 @@ class _Plan:
     trunk_bytes: int = 0
 
 
+def resolve_samples(samples) -> tuple[int, AutoSamples | None]:
+    """``(largest T, stopping rule or None)`` from an int ``>= 2``, ``"auto"`` or an :class:`AutoSamples`."""
+    if isinstance(samples, AutoSamples):
+        return samples.max_samples, samples
+    if isinstance(samples, str) and samples.strip().lower() == "auto":
+        auto = AutoSamples()
+        return auto.max_samples, auto
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
+        raise ConfigError(f"Monte Carlo samples must be an integer >= 2 (variance needs two) or 'auto', got {samples!r}")
+    return int(samples), None
+
+
 class MonteCarloPredictor:
     """Posterior mean and variance of a generator's outputs over ``samples`` MC dropout passes.
 
     ``generator`` follows the ``ResnetGenerator`` contract (``deterministic_prefix`` /
     ``stochastic_suffix`` with per-example ``[B, 2]`` seed rows); one that also offers a local decoder
-    (``local_decoder``, ``trunk_suffix``, ``decode``) is run in stripes. ``seed=None`` draws a fresh seed
-    per :meth:`predict` call (recorded in the result). ``chunk_size`` fixes how many samples run per
-    suffix call; ``None`` sizes chunks to ``memory_budget_mb`` (MB, or ``"auto"``: half the memory
-    available at construction), estimated from the traced graphs. ``stripe`` fixes the height in output
-    pixels of the stripes a local decoder runs in (a multiple of 4); ``None`` sizes them to the budget.
-    Neither changes the result. Percentiles need the raw samples, so asking for them keeps all
-    ``samples`` outputs in host memory (``N * samples * H * W * 4`` bytes); without them memory does not
-    grow with ``samples``. ``precision="bfloat16"`` runs the stochastic suffix's convolutions in bfloat16
-    (see :func:`~microsr_tf.models.generator.with_precision`); the prefix, which runs once per image,
-    stays float32, and so do the outputs and the moments.
+    (``local_decoder``, ``decoder_reach``, ``trunk_suffix``, ``decode``) is run in stripes. ``samples`` is
+    ``T``, or ``"auto"`` / an :class:`AutoSamples` to sample each image until it has converged.
+    ``seed=None`` draws a fresh seed per :meth:`predict` call (recorded in the result). ``chunk_size``
+    fixes how many samples run per suffix call; ``None`` sizes chunks to ``memory_budget_mb`` (MB, or
+    ``"auto"``: half the memory available at construction), estimated from the traced graphs. ``stripe``
+    fixes the height in output pixels of the stripes a local decoder runs in (a multiple of 4); ``None``
+    sizes them to the caches within the budget. Neither changes the result. Percentiles need the raw
+    samples, so asking for them keeps all ``samples`` outputs in host memory (``N * samples * H * W * 4``
+    bytes); without them memory does not grow with ``samples``. ``precision="bfloat16"`` runs the
+    stochastic suffix's convolutions in bfloat16 (see :func:`~microsr_tf.models.generator.with_precision`);
+    the prefix, which runs once per image, stays float32, and so do the outputs and the moments.
     """
 
-    def __init__(self, generator, samples: int = 100, seed: int | None = None, chunk_size: int | None = None,
-                 memory_budget_mb: float | str = "auto", percentiles: Sequence[float] = (),
-                 jit_compile: bool = False, precision: str = "float32", stripe: int | None = None):
-        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
-            raise ConfigError(f"Monte Carlo samples must be an integer >= 2 (variance needs two), got {samples!r}")
+    def __init__(self, generator, samples: int | str | AutoSamples = 100, seed: int | None = None,
+                 chunk_size: int | None = None, memory_budget_mb: float | str = "auto",
+                 percentiles: Sequence[float] = (), jit_compile: bool = False, precision: str = "float32",
+                 stripe: int | None = None):
+        max_samples, auto = resolve_samples(samples)
         if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
             raise ConfigError(f"Monte Carlo chunk_size must be a positive integer or None, got {chunk_size!r}")
         if stripe is not None and (isinstance(stripe, bool) or not isinstance(stripe, (int, np.integer))
@@ -246,7 +331,8 @@ class MonteCarloPredictor:
         self.precision = precision
         self._suffix_generator = with_precision(generator, precision)
         self._feature_dtype = tf.bfloat16 if precision == "bfloat16" else tf.float32
-        self.samples = int(samples)
+        self.samples = max_samples
+        self.auto = auto
         self.seed = seed
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.memory_budget_mb = resolve_memory_budget(memory_budget_mb)
@@ -255,9 +341,10 @@ class MonteCarloPredictor:
         self._prefix = tf.function(generator.deterministic_prefix)
         self._chunk = tf.function(self._chunk_moments, jit_compile=jit_compile)
         self.striped = (getattr(generator, "local_decoder", False) and getattr(generator, "n_dropout_layers", 0) > 0
-                        and hasattr(generator, "trunk_suffix") and hasattr(generator, "decode"))
+                        and all(hasattr(generator, a) for a in ("decoder_reach", "trunk_suffix", "decode")))
         self._bottleneck = self.striped and generator.position == "bottleneck"
         if self.striped:
+            self._reach = tuple(int(r) for r in generator.decoder_reach)
             self._stripe = tf.function(self._stripe_moments, jit_compile=jit_compile)
             self._trunk = tf.function(self._trunk_samples, jit_compile=jit_compile)
         self._plans: dict[tuple[int, int], _Plan] = {}
@@ -265,6 +352,11 @@ class MonteCarloPredictor:
     @property
     def _budget_bytes(self) -> float:
         return self.memory_budget_mb * 2**20
+
+    @property
+    def _checkpoints(self) -> tuple[int, ...]:
+        """The sample counts at which an image may stop (only the last for a fixed ``T``)."""
+        return self.auto.checkpoints if self.auto is not None else (self.samples,)
 
     # ----- traced functions ---------------------------------------------------------------------------
 
@@ -332,7 +424,7 @@ class MonteCarloPredictor:
                 window_spec = tf.TensorSpec([None, None, w4, trunk_out.shape[-1]], trunk_out.dtype)
                 plan.trunk_bytes = math.prod(trunk_out.shape.as_list()[1:]) * trunk_out.dtype.size
             plan.stripe = self._stripe.get_concrete_function(window_spec, ids, ids, tf.TensorSpec([], tf.int32))
-            probe_rows = min(h4, 2 * DECODER_HALO + 1)
+            probe_rows = min(h4, sum(self._reach) + 1)
             probe = self._stripe.get_concrete_function(
                 tf.TensorSpec([None, probe_rows, w4, window_spec.shape[-1]], window_spec.dtype), ids, ids,
                 tf.TensorSpec([], tf.int32))
@@ -347,7 +439,7 @@ class MonteCarloPredictor:
         the whole image, or, with a local decoder, the smallest stripe."""
         plan = self._plan(height, width)
         if self.striped:
-            return plan.trunk_bytes + plan.bytes_per_window_row * min(height // DOWNSCALE, 2 * DECODER_HALO + 1)
+            return plan.trunk_bytes + plan.bytes_per_window_row * min(height // DOWNSCALE, sum(self._reach) + 1)
         return plan.bytes_per_sample
 
     def fits(self, height: int, width: int) -> bool:
@@ -370,7 +462,7 @@ class MonteCarloPredictor:
 
         ``seed`` overrides the predictor's seed for this call: one base int for the batch (image ``b``
         uses ``image_seeds(seed, N)[b]``), or one int per image; ``None`` with no predictor seed draws a
-        random one.
+        random one. With ``samples="auto"`` every image stops at its own ``T`` (``image_samples``).
         """
         x = _check_images(x)
         seed, seeds = _resolve_seeds(self.seed if seed is None else seed, len(x))
@@ -380,16 +472,17 @@ class MonteCarloPredictor:
         plan = self._plan(h, w)
         self.require_fit(h, w)
         group = max(1, min(n, int(self._budget_bytes // (plan.prefix_bytes + self.bytes_per_sample(h, w)))))
-        half = self.samples // 2
-        results = {"mean": [], "var": [], "mean_half": [], "var_half": [], "kept": []}
+        if self.auto is not None:
+            group = 1  # every image stops on its own
+        results = {"mean": [], "var": [], "mean_half": [], "var_half": [], "kept": [], "used": []}
         for g0 in range(0, n, group):
             features = plan.prefix(tf.constant(x[g0:g0 + group]))
             group_seeds = tf.constant(seeds[g0:g0 + group])
             budget = self._budget_bytes - len(seeds[g0:g0 + group]) * plan.prefix_bytes
             passes = (self._striped_passes(plan, features, group_seeds, budget, h, w) if self.striped
                       else self._whole_passes(plan, features, group_seeds, budget))
-            _accumulate(passes, half, results, self.percentiles)
-        return _result(results, self.percentiles, self.samples, seed)
+            _accumulate(passes, self._checkpoints, self.auto, results, self.percentiles)
+        return _result(results, self.percentiles, seed)
 
     def _deterministic(self, x: np.ndarray, seed) -> MCResult:
         """A network without dropout: every sample is the same pass, so one pass gives the exact mean and a
@@ -401,10 +494,14 @@ class MonteCarloPredictor:
         return MCResult(mean=mean, var=zeros, samples=self.samples, seed=seed, percentiles=pct, convergence=conv)
 
     def _bounds(self, chunk: int) -> list[tuple[int, int]]:
-        """Sample-id ranges of ``chunk`` samples, split at ``samples // 2`` for the convergence figures."""
-        half = self.samples // 2
-        return [(a, min(a + chunk, stop)) for start, stop in ((0, half), (half, self.samples))
-                for a in range(start, stop, chunk)]
+        """Sample-id ranges of at most ``chunk`` samples, split at every checkpoint ``T`` and at ``T // 2``
+        (for the convergence figures)."""
+        stops = sorted({c for c in self._checkpoints} | {c // 2 for c in self._checkpoints})
+        bounds, start = [], 0
+        for stop in stops:
+            bounds += [(a, min(a + chunk, stop)) for a in range(start, stop, chunk)]
+            start = stop
+        return bounds
 
     def _whole_passes(self, plan: _Plan, features, group_seeds, budget: float):
         n = int(group_seeds.shape[0])
@@ -413,21 +510,33 @@ class MonteCarloPredictor:
         for a, b in self._bounds(chunk):
             yield (a, b) + tuple(t.numpy() for t in plan.chunk(features, group_seeds, tf.range(a, b, dtype=tf.int32)))
 
-    def _striped_passes(self, plan: _Plan, features, group_seeds, budget: float, h: int, w: int):
-        """Chunks of samples, each decoded stripe by stripe; yields whole-image chunk moments."""
-        n = int(group_seeds.shape[0])
-        h4 = h // DOWNSCALE
+    def _stripe_layout(self, plan: _Plan, n: int, budget: float, h4: int) -> tuple[int, int]:
+        """``(samples per chunk, trunk rows each stripe owns)`` for ``n`` images within ``budget`` bytes.
+
+        A stripe reads ``sum(decoder_reach)`` rows more than it owns, so taller stripes waste less; but
+        a chunk's stripe should stay near :data:`_STRIPE_BYTES` of live activations, which keeps the
+        decoder's working set in the caches (measured in ``benchmarks/bench_tiling.py``).
+        """
+        halo = sum(self._reach)
         chunk = self.chunk_size or min(self.samples - self.samples // 2, _MAX_STRIPE_CHUNK)
-        per_chunk = lambda c: n * c * (plan.trunk_bytes + plan.bytes_per_window_row * (2 * DECODER_HALO + 1))  # noqa: E731
+        per_chunk = lambda c: n * c * (plan.trunk_bytes + plan.bytes_per_window_row * (halo + 1))  # noqa: E731
         while chunk > 1 and per_chunk(chunk) > budget:
             chunk //= 2
         if self.stripe is not None:
             owned = max(1, self.stripe // DOWNSCALE)
         else:
-            spare = budget / (n * chunk) - plan.trunk_bytes
-            owned = max(1, int(spare // plan.bytes_per_window_row) - 2 * DECODER_HALO)
-        owned = min(owned, h4)
-        window = min(h4, owned + 2 * DECODER_HALO)
+            fitting = int((budget / (n * chunk) - plan.trunk_bytes) // plan.bytes_per_window_row) - halo
+            cached = int(_STRIPE_BYTES // (n * chunk * plan.bytes_per_window_row)) - halo
+            owned = max(1, min(fitting, max(cached, _MIN_OWNED_ROWS)))
+        return chunk, min(owned, h4)
+
+    def _striped_passes(self, plan: _Plan, features, group_seeds, budget: float, h: int, w: int):
+        """Chunks of samples, each decoded stripe by stripe; yields whole-image chunk moments."""
+        n = int(group_seeds.shape[0])
+        h4 = h // DOWNSCALE
+        above, below = self._reach
+        chunk, owned = self._stripe_layout(plan, n, budget, h4)
+        window = min(h4, owned + above + below)
         for a, b in self._bounds(chunk):
             ids = tf.range(a, b, dtype=tf.int32)
             source = features[0] if self._bottleneck else plan.trunk(features, group_seeds, ids)
@@ -436,7 +545,7 @@ class MonteCarloPredictor:
             kept = np.empty((n, b - a, h, w, 1), np.float32) if self.percentiles else None
             for r0 in range(0, h4, owned):
                 r1 = min(r0 + owned, h4)
-                top = min(max(0, r0 - DECODER_HALO), h4 - window)  # every window has the same height
+                top = min(max(0, r0 - above), h4 - window)  # every window has the same height
                 c_mean, c_m2, y = plan.stripe(source[:, top:top + window], group_seeds, ids, tf.constant(top, tf.int32))
                 rows = slice((r0 - top) * DOWNSCALE, (r1 - top) * DOWNSCALE)
                 out = slice(r0 * DOWNSCALE, r1 * DOWNSCALE)
@@ -446,26 +555,35 @@ class MonteCarloPredictor:
             yield a, b, mean, m2, kept
 
 
-
-def _accumulate(passes, half: int, results: dict, qs: tuple[float, ...]) -> None:
-    """Merge one image group's chunks ``(a, b, mean, m2, samples)`` into ``results``, with the percentiles
-    ``qs`` of the group's samples when asked for."""
+def _accumulate(passes, checkpoints: Sequence[int], auto: AutoSamples | None, results: dict,
+                qs: tuple[float, ...]) -> None:
+    """Merge one image group's chunks ``(a, b, mean, m2, samples)`` into ``results`` up to the first of
+    ``checkpoints`` where ``auto`` says the group has converged (the last one without ``auto``), with the
+    percentiles ``qs`` of the group's samples when asked for."""
     moments = _Moments()
     samples = [] if qs else None
+    halves: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for a, b, c_mean, c_m2, y in passes:
         moments.merge(b - a, c_mean, c_m2)
         if samples is not None:
             samples.append(y)
-        if b == half:
-            results["mean_half"].append(moments.mean)
-            results["var_half"].append(moments.variance())
+        if b in {c // 2 for c in checkpoints}:
+            halves[b] = (moments.mean, moments.variance())
+        if b in checkpoints and (b == checkpoints[-1] or (
+                auto is not None and auto.converged(convergence_figures(*halves[b // 2], moments.mean,
+                                                                        moments.variance())))):
+            break
+    half_mean, half_var = halves[moments.count // 2]
+    results["mean_half"].append(half_mean)
+    results["var_half"].append(half_var)
     results["mean"].append(moments.mean)
     results["var"].append(moments.variance())
+    results["used"] += [moments.count] * len(moments.mean)
     if samples is not None:
         results["kept"].append(np.percentile(np.concatenate(samples, axis=1), qs, axis=1))
 
 
-def _result(results: dict, qs, samples: int, seed) -> MCResult:
+def _result(results: dict, qs, seed) -> MCResult:
     mean = np.concatenate(results["mean"]).astype(np.float32)
     var = np.concatenate(results["var"]).astype(np.float32)
     percentiles = None
@@ -473,7 +591,9 @@ def _result(results: dict, qs, samples: int, seed) -> MCResult:
         stacked = np.concatenate(results["kept"], axis=1).astype(np.float32)
         percentiles = {q: stacked[i] for i, q in enumerate(qs)}
     conv = convergence_figures(np.concatenate(results["mean_half"]), np.concatenate(results["var_half"]), mean, var)
-    return MCResult(mean=mean, var=var, samples=samples, seed=seed, percentiles=percentiles, convergence=conv)
+    used = tuple(int(t) for t in results["used"])
+    return MCResult(mean=mean, var=var, samples=max(used), seed=seed, percentiles=percentiles, convergence=conv,
+                    image_samples=used)
 
 
 def naive_predict(generator, x, samples: int = 100, seed: int | Sequence[int] | None = None,
@@ -490,12 +610,12 @@ def naive_predict(generator, x, samples: int = 100, seed: int | Sequence[int] | 
     qs = tuple(float(q) for q in percentiles)
     full = tf.function(lambda images, rows: generator(images, seed=rows), reduce_retracing=True)
     images = tf.constant(x)
-    results = {"mean": [], "var": [], "mean_half": [], "var_half": [], "kept": []}
+    results = {"mean": [], "var": [], "mean_half": [], "var_half": [], "kept": [], "used": []}
 
     def passes():
         for t in range(samples):
             y = full(images, tf.constant(seed_rows(seeds, t))).numpy()
             yield t, t + 1, y, np.zeros_like(y), y[:, None]
 
-    _accumulate(passes(), samples // 2, results, qs)
-    return _result(results, qs, samples, seed)
+    _accumulate(passes(), (int(samples),), None, results, qs)
+    return _result(results, qs, seed)

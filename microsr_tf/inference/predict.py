@@ -27,7 +27,7 @@ from ..preprocessing import IntensityStats, check_coarser, resample_slice, volum
 from ..volumes import (Volume, VolumeWriter, make_output_dir, nifti_stem, open_volume, resampled_affine,
                        resampled_shape)
 from ..models.generator import DOWNSCALE
-from .mc import MCResult, MonteCarloPredictor, is_deterministic
+from .mc import AutoSamples, MCResult, MonteCarloPredictor, is_deterministic, resolve_samples
 from .stitching import MODES as STITCH_MODES
 from .stitching import predict_slice
 
@@ -128,12 +128,14 @@ class PredictResult:
     outputs: dict[str, str]  # "mean", "var", optionally "std", "p5", ..., "preview" -> path
     shape: tuple[int, int, int]
     n_slices: int
-    samples: int
+    samples: int  # T; with samples="auto" the most any slice used
     seed: int  # base seed actually used; rerun with it to reproduce the files
     seconds: float
     slices_per_s: float
     convergence: dict[str, float] = field(default_factory=dict)
     resampling: dict[str, Any] | None = None  # InputResampling.to_dict() when the input was resampled
+    slice_samples: tuple[int, ...] = ()  # T of each slice, in slice order (they differ with samples="auto")
+    auto: bool = False  # whether the slices chose their own T (samples="auto")
 
     def summary(self) -> str:
         """One line: where the output went, speed, convergence and any input resampling."""
@@ -143,8 +145,17 @@ class PredictResult:
             resampled = (f"; input resampled from {_fmt(self.resampling['from_spacing_mm'])} mm to "
                          f"{_fmt(self.resampling['to_spacing_mm'])} mm")
         return (f"{os.path.basename(os.path.normpath(self.input_path))}: {self.n_slices} slices -> {self.shape} in "
-                f"{self.seconds:.1f} s ({self.slices_per_s:.2f} slices/s), T={self.samples}, seed {self.seed}"
+                f"{self.seconds:.1f} s ({self.slices_per_s:.2f} slices/s), {self._samples_text()}, seed {self.seed}"
                 + (f"; change from T/2 to T (worst slice): {conv}" if conv else "") + resampled)
+
+
+    def _samples_text(self) -> str:
+        if not self.auto or not self.slice_samples:
+            return f"T={self.samples}"
+        counts = np.asarray(self.slice_samples)
+        spread = (f"{counts.min()}-{counts.max()} per slice, median {np.median(counts):g}, "
+                  f"{counts.sum()} passes in all" if counts.min() < counts.max() else f"{counts[0]} for every slice")
+        return f"T=auto ({spread})"
 
 
 def output_paths(name: str, out_dir: str | os.PathLike, write_std: bool = False,
@@ -223,7 +234,7 @@ def predict_volume(
     generator: Any,
     meta: Mapping[str, Any],
     out_dir: str | os.PathLike,
-    samples: int = 100,
+    samples: int | str | AutoSamples = 100,
     seed: int | None = None,
     stitch: str = "whole",
     tile: int | None = None,
@@ -249,7 +260,9 @@ def predict_volume(
     the full extent; in-plane borders are replicated, not read from outside the ROI); the output
     affine places that sub-volume in world space. Slice ``k`` always uses the dropout seed derived
     from ``(seed, k)``, so its result does not depend on which other slices are processed.
-    ``precision="bfloat16"`` runs the generator's convolutions in bfloat16 (faster on CPUs with AMX).
+    ``samples`` is ``T``, or ``"auto"`` (an :class:`~microsr_tf.inference.mc.AutoSamples`) to sample each
+    slice until its posterior has converged, at most 100 times; ``PredictResult.slice_samples`` records
+    each slice's ``T``. ``precision="bfloat16"`` runs the generator's convolutions in bfloat16 (faster on CPUs with AMX).
     ``stitch`` is ``"whole"`` (the exact whole-slice posterior) or ``"paper"`` (the paper's per-tile
     histogram matching and median filter on top of it); ``tile`` fixes the height of the stripes a local
     decoder runs in and ``memory_budget`` (MB or ``"auto"``) bounds the working memory -- neither changes
@@ -285,6 +298,7 @@ def predict_volume(
     middle = ks[len(ks) // 2]
     panel = None
     convergence: dict[str, float] = {}
+    slice_samples = []
     with ExitStack() as stack:
         notes = _descriptions(plan, meta, generator)
         writers = {key: stack.enter_context(VolumeWriter(path, plan.out_shape, plan.out_affine, axis=ax,
@@ -293,6 +307,7 @@ def predict_volume(
         for done, (k, raw) in enumerate(vol.iter_slices(ax, ks), start=1):
             lr_up = lr_stats.normalize(resample_slice(plan.lr_slice(raw[i0:i1, j0:j1]), plan.factors))
             res = engine(lr_up, slice_seed(seed, k))
+            slice_samples.append(int(res.samples))
             for key, arr in _to_hr_units(res, hr_stats, write_std).items():
                 writers[key].write_slice(k - ks.start, arr)
             for key, value in res.convergence.items():
@@ -305,9 +320,11 @@ def predict_volume(
         _write_png_atomic(paths["preview"], panel)
     seconds = time.perf_counter() - start
     return PredictResult(
-        input_path=plan.input_path, outputs=paths, shape=plan.out_shape, n_slices=len(ks), samples=samples,
-        seed=seed, seconds=seconds, slices_per_s=len(ks) / seconds if seconds > 0 else math.inf,
-        convergence=convergence, resampling=plan.resampling.to_dict() if plan.resampling else None)
+        input_path=plan.input_path, outputs=paths, shape=plan.out_shape, n_slices=len(ks),
+        samples=max(slice_samples, default=resolve_samples(samples)[0]), seed=seed, seconds=seconds,
+        slices_per_s=len(ks) / seconds if seconds > 0 else math.inf, convergence=convergence,
+        resampling=plan.resampling.to_dict() if plan.resampling else None, slice_samples=tuple(slice_samples),
+        auto=resolve_samples(samples)[1] is not None)
 
 
 NORMALIZE_MODES = ("volume", "model")
@@ -367,12 +384,11 @@ def stale_temp_files(name: str, out_dir: str | os.PathLike) -> list[str]:
     return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir) if pattern.fullmatch(f))
 
 
-def check_options(samples: int = 100, seed: int | None = None, stitch: str = "whole", tile: int | None = None,
-                  percentiles: Sequence[float] = (),
+def check_options(samples: int | str | AutoSamples = 100, seed: int | None = None, stitch: str = "whole",
+                  tile: int | None = None, percentiles: Sequence[float] = (),
                   precision: str = "float32", normalize: str = "volume") -> None:
     """Refuse option values that cannot work, before any file is opened."""
-    if samples < 2:
-        raise ConfigError(f"samples must be >= 2 to estimate a variance, got {samples}")
+    resolve_samples(samples)
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed must be in [0, {MAX_SEED}], got {seed}")
     if stitch not in STITCH_MODES:

@@ -58,7 +58,7 @@ def predict_slice(predictor: MonteCarloPredictor, image2d: np.ndarray, mode: str
         mean, var, pct = paper_postprocess(mean, var, image, pct, tile=paper_tile, median_size=median_size)
     return MCResult(mean=mean.astype(np.float32), var=var.astype(np.float32), samples=result.samples, seed=seed,
                     percentiles={q: p.astype(np.float32) for q, p in pct.items()} or None,
-                    convergence=result.convergence)
+                    convergence=result.convergence, image_samples=result.image_samples)
 
 
 def paper_postprocess(mean: np.ndarray, var: np.ndarray, reference: np.ndarray,

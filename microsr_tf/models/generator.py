@@ -21,12 +21,9 @@ from microsr_tf.models.dropout import MCDropout
 from microsr_tf.models.head import OneChannelHead
 from microsr_tf.models.normalization import InstanceNorm
 from microsr_tf.models.padding import ReflectionPadding2D
-from microsr_tf.models.upsampling import BilinearResizeConv2D, SubPixelResizeConv2D
+from microsr_tf.models.upsampling import BilinearResizeConv2D, Conv2DTranspose, SubPixelResizeConv2D
 
 DOWNSCALE = 4  # the trunk runs at 1/4 of the input resolution
-# Rows of trunk output (1/4 resolution) beyond a stripe that a norm-free decoder can read: each x2
-# upsampling looks one pixel of its input away, the 7x7 head three output pixels (< one trunk row).
-DECODER_HALO = 3
 
 
 def with_precision(generator: "ResnetGenerator", precision: str = "float32") -> "ResnetGenerator":
@@ -158,7 +155,7 @@ class ResnetGenerator(keras.Model):
         self.bottleneck_dropout = MCDropout(dropout_rate, 0) if position == "bottleneck" else None
         self.decoder = []
         for filters in (2 * ngf, ngf):
-            up = {"transpose": lambda: keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same"),
+            up = {"transpose": lambda: Conv2DTranspose(filters),
                   "resize": lambda: SubPixelResizeConv2D(filters),
                   "bilinear": lambda: BilinearResizeConv2D(filters)}[upsample]()
             self.decoder += [up, InstanceNorm(relu=True) if decoder_norm == "instance" else keras.layers.ReLU()]
@@ -192,9 +189,23 @@ class ResnetGenerator(keras.Model):
 
     @property
     def local_decoder(self) -> bool:
-        """Whether each output pixel depends only on trunk rows within :data:`DECODER_HALO` of its own (no
-        normalisation in the decoder), so that the decoder can run in stripes with the same result."""
+        """Whether each output pixel depends only on trunk rows near its own (no normalisation in the
+        decoder; :attr:`decoder_reach` says how near), so that the decoder can run in stripes with the
+        same result."""
         return self.decoder_norm == "none"
+
+    @property
+    def decoder_reach(self) -> tuple[int, int]:
+        """``(above, below)``: output rows ``4r .. 4r + 3`` of a local decoder read trunk rows ``r - above``
+        to ``r + below`` (and nothing else).
+
+        The 7x7 head reads output rows ``f - 3 .. f + 3``. The transposed convolution's output row ``2p``
+        reads input rows ``p - 1, p`` and row ``2p + 1`` row ``p``; the resize upsampling's row ``2p`` reads
+        ``p - 1, p`` and row ``2p + 1`` rows ``p, p + 1``; the bilinear upsampling's rows ``2p`` and ``2p + 1``
+        both read ``p - 1 .. p + 1`` once its 3x3 convolution is counted. Composed over the two x2 stages:
+        (2, 1), (2, 2) and (3, 3).
+        """
+        return {"transpose": (2, 1), "resize": (2, 2), "bilinear": (3, 3)}[self.upsample]
 
     def build(self, input_shape):
         shape = _build_sequence(self.encoder, tuple(input_shape))

@@ -60,7 +60,7 @@ def test_float32_layer_is_keras_layer_and_loads_its_weights(tmp_path):
     np.testing.assert_array_equal(ours(x).numpy(), keras_model(x).numpy())
 
 
-@pytest.mark.parametrize("upsample", ["transpose", "resize"])
+@pytest.mark.parametrize("upsample", ["transpose", "resize", "bilinear"])
 def test_decoder_reach_is_exactly_the_rows_the_decoder_reads(upsample):
     tf.keras.utils.set_random_seed(0)
     gen = ResnetGenerator(ngf=4, n_blocks=1, upsample=upsample, decoder_norm="none")

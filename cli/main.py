@@ -20,6 +20,8 @@ COMMANDS = {
     "export": ("export", "Export a trained generator as a TF-Serving SavedModel returning mean and variance."),
     "evaluate": ("evaluate", "Score predictions against bicubic and real micro-CT: m-HuM, LR consistency, realism, "
                              "PSNR/SSIM, uncertainty quality."),
+    "reproduce": ("reproduce", "The paper's Table 2 end to end on phantoms within a time budget: train, predict, "
+                               "evaluate, report."),
     "rating-study": ("rating_study", "Blinded rating study: a static page for raters; boxplots and Wilcoxon tests."),
 }
 

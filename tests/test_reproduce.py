@@ -14,10 +14,8 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import pytest
 import tensorflow as tf
-import yaml
 from click.testing import CliRunner
 
 from microsr_tf.cli.main import cli

@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from microsr_tf.cli.main import COMMANDS, cli
+from microsr_tf.demo import BUNDLED_MODEL
 
-BUNDLED = Path(__file__).resolve().parent.parent / "saved_models" / "microsr_phantom_small"
+BUNDLED = BUNDLED_MODEL  # the demo's model, in saved_models/
 
 
 def test_help_of_every_command_does_not_import_tensorflow():

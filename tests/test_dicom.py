@@ -21,6 +21,7 @@ from microsr_tf.dicom import DicomSeries
 from microsr_tf.errors import InputError
 from microsr_tf.pipeline import make_training_data
 from microsr_tf.volumes import find_volumes, open_volume
+from microsr_tf.demo import BUNDLED_MODEL
 
 with warnings.catch_warnings():  # nibabel warns that its DICOM readers are experimental; the wrapper is used
     warnings.simplefilter("ignore")  # here only as a second formulation of single-slice geometry and scaling
@@ -29,7 +30,7 @@ with warnings.catch_warnings():  # nibabel warns that its DICOM readers are expe
 from dicomseries import affine_from, geometry, rotation, slice_dataset, write_series  # tests/dicomseries.py
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = ROOT / "saved_models" / "microsr_phantom_small"
+BUNDLED = BUNDLED_MODEL  # the demo's model, in saved_models/
 
 AXIAL = affine_from(np.eye(3), (0.4, 0.5, 1.2), (10.0, -20.0, 5.0))
 OBLIQUE = affine_from(rotation((1.0, 2.0, 0.5), 0.7), (0.4, 0.5, 1.2), (-31.5, 12.25, 40.0))

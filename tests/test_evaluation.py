@@ -6,11 +6,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import nibabel as nib
@@ -29,10 +29,11 @@ from microsr_tf.inference.predict import plan_volume
 from microsr_tf.phantoms import SIZES, write_phantoms
 from microsr_tf.preprocessing import IntensityStats, resample_slice, volume_stats
 from microsr_tf.volumes import open_volume, write_volume
+from microsr_tf.demo import BUNDLED_MODEL
 
 from processes import sigkill_when  # tests/processes.py
 
-BUNDLED = Path(__file__).resolve().parent.parent / "saved_models" / "microsr_phantom_small"
+BUNDLED = BUNDLED_MODEL  # the demo's model, in saved_models/
 TINY = dataclasses.replace(SIZES["small"], name="tiny", hr_shape=(192, 192, 12), lr_shape=(24, 24, 12))
 ROI_SLICES = (4, 8)
 DIRECTIONS = {"mhum": "↓", "lr_psnr": "↑", "lr_ssim": "↑", "grad_w1": "↓", "glcm_w1": "↓", "sharpness": "→1",
@@ -305,8 +306,15 @@ def test_bad_inputs_are_refused_with_one_line_and_nothing_written(phantom_case, 
     one_line_error(run_cli(base + ["--pred", f"m={empty}"]), empty / f"{case['stem']}_mean.nii.gz", "missing")
     one_line_error(run_cli(base + ["--pred", f"m={tmp_path / 'nowhere'}"]), "nowhere", "not found")
     one_line_error(run_cli(base + ["--pred", f"m={case['pred']}", "--normalize", "model"]), "needs --model")
-    one_line_error(run_cli(base + ["--pred", f"m={case['pred']}", "--normalize", "model", "--model", BUNDLED]),
-                   BUNDLED, "no LR statistics")
+    # an export made before models stored their LR statistics
+    old = tmp_path / "old_export"
+    shutil.copytree(BUNDLED, old)
+    meta_file = old / "1" / "assets.extra" / "microsr_meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["lr_stats"]
+    meta_file.write_text(json.dumps(meta))
+    one_line_error(run_cli(base + ["--pred", f"m={case['pred']}", "--normalize", "model", "--model", old]),
+                   old, "no LR statistics")
 
     # A prediction shifted by a fraction of a voxel is not on the LR's upsampled grid.
     mean = open_volume(case["pred"] / f"{case['stem']}_mean.nii.gz")

@@ -33,10 +33,11 @@ from microsr_tf.inference.predict import predict_volume
 from microsr_tf.phantoms import write_phantoms
 from microsr_tf.preprocessing import resample_slice
 from microsr_tf.volumes import write_volume
+from microsr_tf.demo import BUNDLED_MODEL
 
 pytestmark = pytest.mark.slow
 
-BUNDLED = Path(__file__).resolve().parent.parent / "saved_models" / "microsr_phantom_small"
+BUNDLED = BUNDLED_MODEL  # the demo's model, in saved_models/
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1400,900"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import shutil
 import math
 import os
+import shutil
 import subprocess
 import sys
 

@@ -7,7 +7,8 @@ import os
 
 import click
 
-from microsr_tf.config import DROPOUT_POSITIONS, GAN_LOSSES, METHODS, PRECISIONS, STRATEGIES, UPSAMPLE_KINDS, Config
+from microsr_tf.config import (DECODER_NORMS, DROPOUT_POSITIONS, GAN_LOSSES, METHODS, PRECISIONS, STRATEGIES,
+                               UPSAMPLE_KINDS, Config)
 
 from ._common import option_values, plural, user_errors
 
@@ -45,6 +46,8 @@ _FLAGS = [
     ("--ngf", "model", "ngf", int, "Generator base filters.", None),
     ("--n-blocks", "model", "n_blocks", int, "Residual blocks in the generator.", None),
     ("--upsample", "model", "upsample", click.Choice(UPSAMPLE_KINDS), "Generator upsampling.", None),
+    ("--decoder-norm", "model", "decoder_norm", click.Choice(DECODER_NORMS),
+     "Instance norm after each upsampling (CycleGAN), or none: a local decoder, run exactly in stripes.", None),
     ("--dropout-rate", "model", "dropout_rate", float, "MC dropout rate.", None),
     ("--dropout-position", "model", "dropout_position", click.Choice(DROPOUT_POSITIONS), "Where MC dropout sits.",
      None),

@@ -1,7 +1,7 @@
 """`--samples auto` against a fixed T = 100: time and Monte Carlo error, side by side in one run.
 
 Run ``python benchmarks/bench_auto_samples.py``. The bundled model predicts the demo's phantom scan
-(a subject it never saw: 48 slices of 192 x 192 HR) through ``predict_volume`` with
+(a subject it never saw: ``--slices`` central slices of 384 x 384 HR) through ``predict_volume`` with
 
 - ``T = 100`` (the paper),
 - ``samples="auto"`` with the default tolerances (:class:`~microsr_tf.inference.mc.AutoSamples`),
@@ -29,7 +29,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
 import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
-from microsr_tf.demo import BUNDLED_MODEL, DEMO_SEED  # noqa: E402
+from microsr_tf.demo import BUNDLED_MODEL, DEMO_SEED, DEMO_SIZE  # noqa: E402
 from microsr_tf.export import load_model  # noqa: E402
 from microsr_tf.inference.mc import AutoSamples  # noqa: E402
 from microsr_tf.inference.predict import predict_volume  # noqa: E402
@@ -53,18 +53,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--reference-samples", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slices", type=int, default=8)
     args = parser.parse_args()
     gen, meta = load_model(BUNDLED_MODEL)
     with tempfile.TemporaryDirectory(prefix="bench_auto-") as work:
-        write_phantoms(os.path.join(work, "phantom"), subjects=1, seed=DEMO_SEED, size="small", overwrite=True)
+        write_phantoms(os.path.join(work, "phantom"), subjects=1, seed=DEMO_SEED, size=DEMO_SIZE, overwrite=True)
         scan = sorted(glob.glob(os.path.join(work, "phantom", "test", "lr", "*.nii.gz")))[0]
+        depth = nib.load(scan).shape[2]
+        k0 = max(0, (depth - args.slices) // 2)
+        roi = ((None, None), (None, None), (k0, min(depth, k0 + args.slices)))
 
         def run(name: str, samples) -> tuple[object, float]:
             start = time.perf_counter()
-            result = predict_volume(scan, gen, meta, os.path.join(work, name), samples=samples, seed=args.seed)
+            result = predict_volume(scan, gen, meta, os.path.join(work, name), samples=samples, seed=args.seed,
+                                    roi=roi)
             return result, time.perf_counter() - start
 
-        predict_volume(scan, gen, meta, os.path.join(work, "warm"), samples=4, seed=args.seed)  # trace once
+        predict_volume(scan, gen, meta, os.path.join(work, "warm"), samples=4, seed=args.seed, roi=roi)  # trace once
         fixed, _ = run("fixed", 100)
         equal = AutoSamples(mean_tolerance=fixed.convergence["mean_rel_change"],
                             var_tolerance=fixed.convergence["var_rel_change"])

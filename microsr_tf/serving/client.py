@@ -83,8 +83,8 @@ class ServingClient:
     ``ca_file`` (PEM; default: the system's trusted CAs); ``cert_file`` and ``key_file`` present a
     client certificate to servers that require one. ``token`` is sent as ``authorization: Bearer``
     metadata or header, for gateways in front of the server. Plain text to a host outside loopback
-    is refused unless ``insecure``. ``timeout`` bounds each call (seconds); UNAVAILABLE is retried
-    ``retries`` times after waiting ``backoff``, ``2 * backoff``, ... seconds. gRPC messages may be up
+    is refused unless ``insecure``. ``timeout`` bounds each call (seconds); UNAVAILABLE, and CANCELLED
+    (which a stopping server sends), are retried ``retries`` times after waiting ``backoff``, ``2 * backoff``, ... seconds. gRPC messages may be up
     to ``max_message_mb`` in both directions (raised explicitly from gRPC's 4 MB default).
     """
 
@@ -239,6 +239,8 @@ class ServingClient:
                 return ServingError(f"{self.describe()}: TLS handshake failed, the server's certificate is not "
                                     "trusted or does not match its name (pass its CA with --tls-ca)")
             return _Unavailable(messages.server_message(details))
+        if code == grpc.StatusCode.CANCELLED:  # this client never cancels: the server stopped mid-call
+            return _Unavailable("the server cancelled the call, as a server does when it shuts down")
         return self._refusal(code.name, messages.server_message(details))
 
     def _send_rest(self, request: Request) -> dict[str, np.ndarray]:

@@ -84,8 +84,9 @@ class ServingClient:
     client certificate to servers that require one. ``token`` is sent as ``authorization: Bearer``
     metadata or header, for gateways in front of the server. Plain text to a host outside loopback
     is refused unless ``insecure``. ``timeout`` bounds each call (seconds); UNAVAILABLE, and CANCELLED
-    (which a stopping server sends), are retried ``retries`` times after waiting ``backoff``, ``2 * backoff``, ... seconds. gRPC messages may be up
-    to ``max_message_mb`` in both directions (raised explicitly from gRPC's 4 MB default).
+    (which a stopping server sends), are retried ``retries`` times after waiting ``backoff``,
+    ``2 * backoff``, ... seconds. gRPC messages may be up to ``max_message_mb`` in both directions
+    (raised explicitly from gRPC's 4 MB default).
     """
 
     def __init__(self, target: str, model_name: str = "microsr", protocol: str = "grpc", version: int | None = None,

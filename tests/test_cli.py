@@ -1,6 +1,8 @@
 """The command group: `--help` without TensorFlow, one set of exit codes for every command, help
 defaults read from the config, plain progress lines when output is redirected, and one-line errors."""
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +65,7 @@ USAGE = {
     "demo": ["--samples", "1"],
     "evaluate": ["--lr", "a", "--hr-dir", "b", "--pred", "m=p", "--out", "o", "--hu-distance", "I9"],
     "rating-study": ["make", "--lr", "a", "--method", "m=p", "--out", "o", "--slices", "ten"],
+    "reproduce": ["--out", "o", "--budget", "45m", "--samples", "1"],
 }
 
 
@@ -85,6 +88,7 @@ def test_exit_codes_are_2_for_usage_errors_and_1_for_input_errors(name, tmp_path
         "demo": ["--model", missing, "--out", str(tmp_path / "demo")],
         "evaluate": ["--lr", missing, "--hr-dir", missing, "--pred", f"m={missing}", "--out", str(tmp_path / "report")],
         "rating-study": ["make", "--lr", missing, "--method", f"m={missing}", "--out", str(tmp_path / "study")],
+        "reproduce": ["--out", str(tmp_path / "file" / "repro"), "--budget", "45m"],
     }[name]
     (tmp_path / "file").write_text("a file where a folder is expected")
     result = runner.invoke(cli, [name, *given])
@@ -123,13 +127,26 @@ def test_predict_progress_is_plain_lines_when_redirected(tmp_path):
 
 
 def test_bfloat16_with_a_saved_model_names_it_and_what_to_pass(tmp_path):
+    """An export that stores its generator's config is rebuilt as the Keras generator and runs in
+    bfloat16; an export made before that runs its graphs in float32 only, and says so."""
     scan = _lr_scan(tmp_path / "scan.nii.gz")
+    result = CliRunner().invoke(cli, ["predict", str(scan), "--model", str(BUNDLED), "--out-dir",
+                                      str(tmp_path / "ok"), "--precision", "bfloat16", "--samples", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ok" / "scan_mean.nii.gz").is_file()
+
+    old = tmp_path / "old_export"
+    shutil.copytree(BUNDLED, old)
+    meta_file = old / "1" / "assets.extra" / "microsr_meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["generator_config"]
+    meta_file.write_text(json.dumps(meta))
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["predict", str(scan), "--model", str(BUNDLED), "--out-dir", str(out),
+    result = CliRunner().invoke(cli, ["predict", str(scan), "--model", str(old), "--out-dir", str(out),
                                       "--precision", "bfloat16"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        f"Error: {BUNDLED}: is an exported SavedModel, which runs in float32 only; pass --precision float32, or "
+        f"Error: {old}: is an exported SavedModel, which runs in float32 only; pass --precision float32, or "
         "the training run or .keras file it came from for bfloat16"]
     assert not out.exists()
 

@@ -232,7 +232,7 @@ def test_flops_split_moves_with_the_dropout_position():
 
 def test_invalid_generator_settings_raise_config_error():
     with pytest.raises(ConfigError, match="upsample"):
-        ResnetGenerator(upsample="bilinear")
+        ResnetGenerator(upsample="nearest")
     with pytest.raises(ConfigError, match="dropout_position"):
         ResnetGenerator(dropout_position="everywhere")
 

@@ -117,16 +117,22 @@ def test_tiling_does_not_change_the_answer_where_per_tile_statistics_did():
 
 
 def test_background_region_keeps_the_whole_slice_intensity_and_variance_shows_no_stripe_pattern():
+    tf.keras.utils.set_random_seed(0)
     gen = tiny_generator("none")
     image = np.full((128, 64), 0.5, np.float32)  # stationary input: any structure in the maps is an artefact
     result = predict_slice(MonteCarloPredictor(gen, samples=16, seed=5, stripe=16), image)
-    profile = result.var[8:-8].mean(axis=1)  # away from the image border
-    rows = np.arange(8, 120)
-    border = (rows % 16 == 0) | (rows % 16 == 15)  # rows next to a stripe boundary
-    ratio = profile[border].mean() / profile[~border].mean()
-    assert 0.9 < ratio < 1.1
     whole = predict_slice(MonteCarloPredictor(gen, samples=16, seed=5), image)
+    rows = np.arange(8, 120)  # away from the image border
+    border = (rows % 16 == 0) | (rows % 16 == 15)  # rows next to a stripe boundary
+
+    def ratio(var):
+        profile = var[8:-8].mean(axis=1)
+        return profile[border].mean() / profile[~border].mean()
+
+    # the decoder's own texture may vary by row phase; stripes must add nothing to it
+    assert abs(ratio(result.var) / ratio(whole.var) - 1) < 0.01
     np.testing.assert_allclose(result.mean, whole.mean, atol=2e-5)
+    np.testing.assert_allclose(result.var, whole.var, rtol=1e-3, atol=1e-3 * whole.var.max())
 
 
 def test_paper_mode_matches_skimage_and_scipy_and_carries_the_variance_through():

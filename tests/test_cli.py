@@ -1,8 +1,6 @@
 """The command group: `--help` without TensorFlow, one set of exit codes for every command, help
 defaults read from the config, plain progress lines when output is redirected, and one-line errors."""
 
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +12,8 @@ from click.testing import CliRunner
 
 from microsr_tf.cli.main import COMMANDS, cli
 from microsr_tf.demo import BUNDLED_MODEL
+
+from exports import older_export  # tests/exports.py
 
 BUNDLED = BUNDLED_MODEL  # the demo's model, in saved_models/
 
@@ -135,12 +135,7 @@ def test_bfloat16_with_a_saved_model_names_it_and_what_to_pass(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "ok" / "scan_mean.nii.gz").is_file()
 
-    old = tmp_path / "old_export"
-    shutil.copytree(BUNDLED, old)
-    meta_file = old / "1" / "assets.extra" / "microsr_meta.json"
-    meta = json.loads(meta_file.read_text())
-    del meta["generator_config"]
-    meta_file.write_text(json.dumps(meta))
+    old = older_export(BUNDLED, tmp_path / "old_export", missing="generator_config")
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["predict", str(scan), "--model", str(old), "--out-dir", str(out),
                                       "--precision", "bfloat16"])

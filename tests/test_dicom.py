@@ -17,11 +17,11 @@ from pydicom.uid import JPEGLosslessSV1, RLELossless, generate_uid
 
 from microsr_tf.cli.main import cli
 from microsr_tf.config import DataConfig
+from microsr_tf.demo import BUNDLED_MODEL
 from microsr_tf.dicom import DicomSeries
 from microsr_tf.errors import InputError
 from microsr_tf.pipeline import make_training_data
 from microsr_tf.volumes import find_volumes, open_volume
-from microsr_tf.demo import BUNDLED_MODEL
 
 with warnings.catch_warnings():  # nibabel warns that its DICOM readers are experimental; the wrapper is used
     warnings.simplefilter("ignore")  # here only as a second formulation of single-slice geometry and scaling

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ from skimage.filters import threshold_otsu
 from skimage.metrics import peak_signal_noise_ratio
 
 from microsr_tf.cli.main import cli
+from microsr_tf.demo import BUNDLED_MODEL
 from microsr_tf.errors import InputError
 from microsr_tf.evaluation import COLUMNS, Settings, evaluate_arrays, parse_predictions
 from microsr_tf.evaluation.grids import hr_box, lr_box
@@ -29,8 +29,8 @@ from microsr_tf.inference.predict import plan_volume
 from microsr_tf.phantoms import SIZES, write_phantoms
 from microsr_tf.preprocessing import IntensityStats, resample_slice, volume_stats
 from microsr_tf.volumes import open_volume, write_volume
-from microsr_tf.demo import BUNDLED_MODEL
 
+from exports import older_export  # tests/exports.py
 from processes import sigkill_when  # tests/processes.py
 
 BUNDLED = BUNDLED_MODEL  # the demo's model, in saved_models/
@@ -308,12 +308,7 @@ def test_bad_inputs_are_refused_with_one_line_and_nothing_written(phantom_case, 
     one_line_error(run_cli(base + ["--pred", f"m={tmp_path / 'nowhere'}"]), "nowhere", "not found")
     one_line_error(run_cli(base + ["--pred", f"m={case['pred']}", "--normalize", "model"]), "needs --model")
     # an export made before models stored their LR statistics
-    old = tmp_path / "old_export"
-    shutil.copytree(BUNDLED, old)
-    meta_file = old / "1" / "assets.extra" / "microsr_meta.json"
-    meta = json.loads(meta_file.read_text())
-    del meta["lr_stats"]
-    meta_file.write_text(json.dumps(meta))
+    old = older_export(BUNDLED, tmp_path / "old_export", missing="lr_stats")
     one_line_error(run_cli(base + ["--pred", f"m={case['pred']}", "--normalize", "model", "--model", old]),
                    old, "no LR statistics")
 

@@ -27,13 +27,13 @@ from click.testing import CliRunner
 from scipy import ndimage, stats
 
 from microsr_tf.cli.main import cli
+from microsr_tf.demo import BUNDLED_MODEL
 from microsr_tf.evaluation.rating_study import make_study
 from microsr_tf.export import load_model
 from microsr_tf.inference.predict import predict_volume
 from microsr_tf.phantoms import write_phantoms
 from microsr_tf.preprocessing import resample_slice
 from microsr_tf.volumes import write_volume
-from microsr_tf.demo import BUNDLED_MODEL
 
 pytestmark = pytest.mark.slow
 

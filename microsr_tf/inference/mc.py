@@ -112,8 +112,8 @@ class AutoSamples:
     so images whose dropout noise is small beside their intensity stop first; the variance's is about
     ``1.1 / sqrt(T)`` for Gaussian noise of any size (1.7 for the bundled model), so ``var_tolerance``
     sets how many samples any noisy image needs. The defaults let the variance move by a quarter and
-    the mean by 2%: the bundled model stops its phantom slices at ``T`` = 50-71 (``T`` = 100 reaches
-    0.014 and 0.17; ``benchmarks/bench_auto_samples.py``). An image whose samples all agree stops at
+    the mean by 2%: the bundled model stops its phantom slices at ``T`` = 35 (``T`` = 100 reaches
+    0.004 and 0.13; ``benchmarks/bench_auto_samples.py``). An image whose samples all agree stops at
     the first check.
     """
 

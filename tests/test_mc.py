@@ -272,3 +272,26 @@ def test_a_generator_without_dropout_gets_one_pass_and_an_exactly_zero_variance(
     np.testing.assert_allclose(result.mean, gen(images).numpy(), atol=1e-5)  # batch of 1 vs 2: float rounding
     np.testing.assert_array_equal(result.percentiles[5.0], result.mean)
     assert result.samples == 100 and result.convergence["mean_max_change"] == 0.0
+
+
+class _NoHiddenMemory(ResnetGenerator):
+    """The same generator with the fused head's temporaries left out of the memory estimate."""
+
+    hidden_bytes_per_pixel = 0
+
+
+@pytest.mark.parametrize("decoder_norm", ["instance", "none"])
+def test_memory_estimate_counts_the_fused_heads_temporaries(decoder_norm):
+    """The 7x7 head's fused kernel holds its 49 tap planes twice (plain and padded) and 7 row sums, all
+    float32, inside one XLA op that traced graphs do not show: the engine adds them per output pixel."""
+    kwargs = dict(ngf=4, n_blocks=1, decoder_norm=decoder_norm)
+    counted, left_out = ResnetGenerator(**kwargs), _NoHiddenMemory(**kwargs)
+    for gen in (counted, left_out):
+        gen(np.zeros((1, 32, 32, 1), np.float32))
+    per_pixel = 4 * (2 * 7 * 7 + 7)
+    assert counted.hidden_bytes_per_pixel == per_pixel
+    h, w = 64, 96
+    a = MonteCarloPredictor(counted, samples=4).bytes_per_sample(h, w)
+    b = MonteCarloPredictor(left_out, samples=4).bytes_per_sample(h, w)
+    rows = h if decoder_norm == "instance" else 4 * min(h // 4, sum(counted.decoder_reach) + 1)
+    assert a - b == rows * w * per_pixel

@@ -409,7 +409,8 @@ class MonteCarloPredictor:
         feature_specs = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), prefix.structured_outputs)
         ids = tf.TensorSpec([None], tf.int32)
         chunk = self._chunk.get_concrete_function(feature_specs, ids, ids)
-        out_bytes = math.prod(key) * 4
+        hidden = int(getattr(self.generator, "hidden_bytes_per_pixel", 0))  # fused kernels' own temporaries
+        out_bytes = math.prod(key) * (4 + hidden)
         feature_bytes = _spec_bytes(feature_specs)
         plan = _Plan(prefix=prefix, chunk=chunk,
                      bytes_per_sample=feature_bytes + out_bytes + _LIVE_FACTOR * _per_example_bytes(chunk.graph),
@@ -429,7 +430,7 @@ class MonteCarloPredictor:
                 tf.TensorSpec([None, probe_rows, w4, window_spec.shape[-1]], window_spec.dtype), ids, ids,
                 tf.TensorSpec([], tf.int32))
             per_row = (_LIVE_FACTOR * _per_example_bytes(probe.graph) / probe_rows
-                       + w4 * window_spec.shape[-1] * window_spec.dtype.size + DOWNSCALE**2 * w4 * 4)
+                       + w4 * window_spec.shape[-1] * window_spec.dtype.size + DOWNSCALE**2 * w4 * (4 + hidden))
             plan.bytes_per_window_row = int(math.ceil(per_row))
         self._plans[key] = plan
         return plan

@@ -266,6 +266,12 @@ class ResnetGenerator(keras.Model):
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (1,)
 
+    @property
+    def hidden_bytes_per_pixel(self) -> int:
+        """Memory per output pixel of one pass that traced graphs do not show (the fused head's temporaries):
+        the Monte Carlo engine adds it to what it estimates from the graphs."""
+        return sum(getattr(layer, "working_bytes_per_pixel", 0) for layer in self.decoder)
+
     def flops_per_pixel(self) -> dict[str, int]:
         """Multiply-adds per output pixel of the convolutions in the prefix and in the suffix (as
         implemented: the resize upsampling costs 16 instead of 9 per low-resolution pixel)."""

@@ -57,6 +57,13 @@ class OneChannelHead(keras.layers.Layer):
         kernel = _head_xla if self.xla else _head_ops
         return kernel(x, tf.cast(self.kernel, tf.float32), tf.cast(self.bias, tf.float32))
 
+    @property
+    def working_bytes_per_pixel(self) -> int:
+        """Float32 temporaries per output pixel that the fused kernel holds and a traced graph does not show
+        (XLA allocates them inside one op): the ``k*k`` tap planes, padded, and ``k`` row sums."""
+        k = self.kernel_size
+        return 4 * (2 * k * k + k)
+
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (1,)
 

@@ -27,7 +27,7 @@ def user_errors(func: F | None = None, *, tensorflow: bool = True):
 
     File-system failures (``OSError``: permission denied, read-only or full disk, a file where a
     folder is expected) are the user's environment, not a bug, so they are reported the same way,
-    naming the path. With ``tensorflow`` (the default; ``@user_errors(tensorflow=False)`` for commands
+    naming the path; so is TensorFlow running out of memory (``ResourceExhaustedError``). With ``tensorflow`` (the default; ``@user_errors(tensorflow=False)`` for commands
     that do not use it) TensorFlow is started here, when the command runs -- not for ``--help`` or a
     usage error -- with its native start-up lines hidden.
     """
@@ -47,6 +47,12 @@ def user_errors(func: F | None = None, *, tensorflow: bool = True):
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         except OSError as exc:
             raise click.ClickException(os_error_line(exc)) from None
+        except Exception as exc:
+            if type(exc).__name__ != "ResourceExhaustedError":  # TensorFlow's, matched by name: no import here
+                raise
+            raise click.ClickException(
+                "out of memory during the computation; give a smaller --memory-budget (in MB) or free memory "
+                "for the commands that take one, or smaller inputs") from None
         except KeyboardInterrupt:
             raise click.Abort() from None
 

@@ -166,6 +166,27 @@ def test_file_system_errors_are_one_line_naming_the_path(tmp_path):
     assert result.output.strip().splitlines() == [f"Error: {target}: Not a directory"]
 
 
+def test_running_out_of_memory_is_one_line_and_other_bugs_still_raise():
+    import click
+    import tensorflow as tf
+
+    from microsr_tf.cli._common import user_errors
+
+    @click.command()
+    @click.argument("what")
+    @user_errors
+    def run(what):
+        if what == "oom":  # what a too large allocation raises inside a TensorFlow graph
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape [8,1832,1832]")
+        raise ValueError("a bug")
+
+    result = CliRunner().invoke(run, ["oom"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith("Error: out of memory") and "--memory-budget" in result.output
+    result = CliRunner().invoke(run, ["bug"])
+    assert isinstance(result.exception, ValueError)  # not dressed up as a user error
+
+
 def test_output_folder_under_a_file_is_one_line_before_any_work(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

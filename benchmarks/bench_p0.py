@@ -134,10 +134,12 @@ def main() -> None:
     parser.add_argument("--decoders", nargs="+", default=["instance", "none"], choices=["instance", "none"])
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--volume-slices", type=int, default=4,
-                        help="slices of the 600^2 volume timed (0: skip the volume), extrapolated to 600")
+                        help="slices of the 600^2 volume timed (0: skip the volume, else at least 2), extrapolated to 600")
     parser.add_argument("--volume-decoders", nargs="+", default=["none"], choices=["instance", "none"])
     parser.add_argument("--volume-precisions", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    if args.volume_slices == 1:
+        parser.error("--volume-slices: 0 (skip the volume) or at least 2 (a fixed and a per-slice cost)")
     cores = os.cpu_count()
     print(f"machine: {machine.describe()}")
     ref = {p: reference_gflops(p) for p in ("float32", "bfloat16")}

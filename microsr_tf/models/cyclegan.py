@@ -329,12 +329,18 @@ class CycleGAN(keras.Model):
         """Keras ``fit`` step: :meth:`step`, then epoch means (trackers) and this step's means."""
         lr, hr = data
         losses = self.step(lr, hr)
-        logs = {}
-        for name, tracker in self.trackers.items():
-            tracker.update_state(losses[name])
-            logs[name] = tracker.result()
-            logs[STEP_PREFIX + name] = tf.reduce_mean(losses[name])
-        return logs
+        return fit_logs(self.trackers, losses)
+
+
+def fit_logs(trackers: dict, losses: dict) -> dict:
+    """What a ``train_step`` returns to ``fit``: each tracked loss's epoch mean so far under its name (the
+    trackers updated with this step's per-example losses), and this step's mean under ``step/<name>``."""
+    logs = {}
+    for name, tracker in trackers.items():
+        tracker.update_state(losses[name])
+        logs[name] = tracker.result()
+        logs[STEP_PREFIX + name] = tf.reduce_mean(losses[name])
+    return logs
 
 
 def build_cyclegan(model_cfg: ModelConfig, train_cfg: TrainConfig, patch_size: int,

@@ -22,7 +22,7 @@ import keras
 import tensorflow as tf
 
 from microsr_tf.config import ModelConfig, TrainConfig
-from microsr_tf.models.cyclegan import STEP_PREFIX, dtype_policy
+from microsr_tf.models.cyclegan import dtype_policy, fit_logs
 from microsr_tf.models.srgan import SRGANCritic, SRResNetGenerator
 from microsr_tf.models.unet import UNetGenerator
 
@@ -126,12 +126,7 @@ class SupervisedSR(keras.Model):
         """Keras ``fit`` step: :meth:`step`, then epoch means (trackers) and this step's means."""
         lr, hr = data
         losses = self.step(lr, hr)
-        logs = {}
-        for name, tracker in self.trackers.items():
-            tracker.update_state(losses[name])
-            logs[name] = tracker.result()
-            logs[STEP_PREFIX + name] = tf.reduce_mean(losses[name])
-        return logs
+        return fit_logs(self.trackers, losses)
 
 
 def build_supervised(model_cfg: ModelConfig, train_cfg: TrainConfig, patch_size: int) -> SupervisedSR:

@@ -3,9 +3,7 @@ training step, and `microsr-tf train --method`, `predict` and `export` end to en
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from pathlib import Path
 
 import keras
@@ -29,6 +27,8 @@ from microsr_tf.models.unet import UNetGenerator
 from microsr_tf.phantoms import write_phantoms
 from microsr_tf.training.methods import build_method
 from microsr_tf.training.trainer import latest_checkpoint
+
+from tensorboard_events import read_events  # tests/tensorboard_events.py
 
 METHODS = ("unet", "srgan")
 
@@ -210,15 +210,6 @@ def _run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def _events(logdir: Path) -> list[tuple[int, str, object]]:
-    out = []
-    for path in sorted(glob.glob(str(logdir / "events.out.tfevents.*")), key=os.path.getmtime):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                out.append((event.step, value.tag, tf.make_ndarray(value.tensor)))
-    return out
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_train_resume_predict_export_end_to_end(method, phantoms, tmp_path):
     run, out, exported = tmp_path / "run", tmp_path / "out", tmp_path / "export"
@@ -235,7 +226,7 @@ def test_train_resume_predict_export_end_to_end(method, phantoms, tmp_path):
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["method"] == method and config["data"]["degradation_noise"] == 0.05
 
-    events = _events(run / "logs")
+    events = read_events(run / "logs")
     tags = {tag for _, tag, _ in events}
     expected = {"step/pixel_loss", "epoch/pixel_loss", "learning_rate"}
     if method == "srgan":
@@ -256,7 +247,7 @@ def test_train_resume_predict_export_end_to_end(method, phantoms, tmp_path):
                       str(run), "--resume", "--epochs", "2")
     assert code == 0, text
     assert "Trained 6 steps (2 epochs)" in text
-    assert sorted(s for s, tag, _ in _events(run / "logs") if tag == "step/pixel_loss") == [1, 2, 3, 4, 5, 6]
+    assert sorted(s for s, tag, _ in read_events(run / "logs") if tag == "step/pixel_loss") == [1, 2, 3, 4, 5, 6]
     # The checkpoint holds the whole generator (batch-norm statistics too): restored, it is the saved one.
     setup = build_method(Config.from_dict(config), 3)
     checkpoint = tf.train.Checkpoint(best_cycle_loss=tf.Variable(0.0), **setup.checkpoint_objects)

@@ -3,10 +3,8 @@ SIGKILL, NaN handling and one-line errors for bad input."""
 
 from __future__ import annotations
 
-import glob
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,8 @@ from microsr_tf.cli.main import cli
 from microsr_tf.config import Config
 from microsr_tf.phantoms import write_phantoms
 from microsr_tf.training.trainer import TrainingDiverged, latest_checkpoint, train
+
+from tensorboard_events import read_events  # tests/tensorboard_events.py
 
 
 TINY = {
@@ -35,16 +35,6 @@ TINY_FLAGS = ["--patch-size", "32", "--stride", "16", "--ngf", "4", "--n-blocks"
 def folders(training_folders) -> tuple[Path, Path]:
     """Unpaired LR (0.4 mm, 16 px) and HR (0.1 mm, 64 px) folders, two volumes each (conftest.py)."""
     return training_folders
-
-
-def _events(logdir: Path) -> list[tuple[int, str, object]]:
-    """(step, tag, value) of every summary in the event files under ``logdir``, oldest file first."""
-    out = []
-    for path in sorted(glob.glob(str(logdir / "events.out.tfevents.*")), key=os.path.getmtime):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                out.append((event.step, value.tag, tf.make_ndarray(value.tensor)))
-    return out
 
 
 def test_tiny_run_on_phantoms_outputs_history_and_tensorboard(tmp_path):
@@ -68,7 +58,7 @@ def test_tiny_run_on_phantoms_outputs_history_and_tensorboard(tmp_path):
     iterations = [n for n in names if "iterations" in n]
     assert len(iterations) == 2 and all(reader.get_tensor(n) == 4 for n in iterations)
 
-    events = _events(run / "logs")
+    events = read_events(run / "logs")
     tags = {tag for _, tag, _ in events}
     assert {"step/g_loss", "step/d_loss", "step/cycle_loss", "learning_rate", "epoch/cycle_loss"} <= tags
     assert sorted(s for s, tag, _ in events if tag == "step/g_loss") == [1, 2, 3, 4]

@@ -18,7 +18,7 @@ from microsr_tf.models.dropout import MCDropout
 from microsr_tf.models.head import OneChannelHead
 from microsr_tf.models.normalization import InstanceNorm, instance_norm
 from microsr_tf.models.padding import ReflectionPadding2D
-from microsr_tf.models.upsampling import SubPixelResizeConv2D
+from microsr_tf.models.upsampling import BilinearResizeConv2D, SubPixelResizeConv2D
 
 POSITIONS = ("bottleneck", "resblocks", "none")
 UPSAMPLES = ("transpose", "resize", "bilinear")
@@ -92,6 +92,19 @@ def test_subpixel_resize_equals_nearest_upsampling_then_conv(rng):
     layer = SubPixelResizeConv2D(3)
     layer.build(x.shape)
     layer.set_weights(reference.get_weights())
+    np.testing.assert_allclose(layer(x), reference(x), atol=1e-5)
+
+
+def test_bilinear_resize_conv_equals_keras_bilinear_upsampling_then_conv(rng):
+    x = tf.constant(rng.normal(size=(2, 5, 7, 6)).astype("float32"))
+    reference = keras.Sequential([keras.layers.UpSampling2D(2, interpolation="bilinear"),
+                                  keras.layers.Conv2D(3, 3, padding="same")])
+    reference.build(x.shape)
+    reference.layers[1].bias.assign(rng.normal(size=3).astype("float32"))
+    layer = BilinearResizeConv2D(3)
+    layer.build(x.shape)
+    layer.set_weights(reference.get_weights())
+    assert layer(x).shape == (2, 10, 14, 3)
     np.testing.assert_allclose(layer(x), reference(x), atol=1e-5)
 
 

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from microsr_tf.config import (DECODER_NORMS, DROPOUT_POSITIONS, GAN_LOSSES, METHODS, PRECISIONS, STRATEGIES,
+from microsr_tf.config import (DECODER_BLURS, DECODER_NORMS, DROPOUT_POSITIONS, GAN_LOSSES, METHODS, PRECISIONS, STRATEGIES,
                                UPSAMPLE_KINDS, Config)
 
 from ._common import option_values, plural, user_errors
@@ -42,12 +42,18 @@ _FLAGS = [
     ("--lambda-lr-consistency", "train", "lambda_lr_consistency", float,
      "Weight of the LR-consistency loss (beyond the paper): 1 - correlation of G_L(x) and x, and of G_H(y) and y, "
      "on the LR grid.", None),
+    ("--lambda-periodic", "train", "lambda_periodic", float,
+     "Weight of the periodic loss (beyond the paper): G_L(x)'s amplitude at the 2 and 4 px lattice frequencies.",
+     None),
     ("--pool-size", "train", "pool_size", int, "History of fakes shown to the critics (0: none).", None),
     ("--ngf", "model", "ngf", int, "Generator base filters.", None),
     ("--n-blocks", "model", "n_blocks", int, "Residual blocks in the generator.", None),
     ("--upsample", "model", "upsample", click.Choice(UPSAMPLE_KINDS), "Generator upsampling.", None),
     ("--decoder-norm", "model", "decoder_norm", click.Choice(DECODER_NORMS),
      "Instance norm after each upsampling (CycleGAN), or none: a local decoder, run exactly in stripes.", None),
+    ("--decoder-blur", "model", "decoder_blur", click.Choice(DECODER_BLURS),
+     "binomial: a fixed [1,2,1] blur after each upsampling's activation, against 2-pixel stripes (anti-aliasing).",
+     None),
     ("--dropout-rate", "model", "dropout_rate", float, "MC dropout rate.", None),
     ("--dropout-position", "model", "dropout_position", click.Choice(DROPOUT_POSITIONS), "Where MC dropout sits.",
      None),

@@ -24,6 +24,7 @@ from .files import atomic_write_text
 DROPOUT_POSITIONS = ("bottleneck", "resblocks", "none")
 UPSAMPLE_KINDS = ("transpose", "resize", "bilinear")
 DECODER_NORMS = ("instance", "none")
+DECODER_BLURS = ("none", "binomial")
 GAN_LOSSES = ("bce", "lsgan")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 PRECISIONS = ("float32", "mixed_bfloat16")  # training: Keras dtype policies (float32 weights either way)
@@ -87,6 +88,7 @@ class ModelConfig:
     dropout_rate: float = 0.5
     dropout_position: str = "bottleneck"  # "bottleneck", "resblocks" or "none"
     decoder_norm: str = "instance"  # "instance" (CycleGAN) or "none": a local decoder, exact in stripes
+    decoder_blur: str = "none"  # "binomial": a fixed [1,2,1]^2 blur after each upsampling's activation (anti-aliasing)
     ndf: int = 64  # critic base filters
     n_layers_d: int = 3  # stride-2 layers in the PatchGAN critic (3 -> 70x70 receptive field)
 
@@ -106,6 +108,8 @@ class ModelConfig:
             raise ConfigError(f"model.dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.decoder_norm not in DECODER_NORMS:
             raise ConfigError(f"model.decoder_norm must be one of {DECODER_NORMS}, got {self.decoder_norm!r}")
+        if self.decoder_blur not in DECODER_BLURS:
+            raise ConfigError(f"model.decoder_blur must be one of {DECODER_BLURS}, got {self.decoder_blur!r}")
         if self.n_layers_d < 1:
             raise ConfigError(f"model.n_layers_d must be >= 1, got {self.n_layers_d}")
 
@@ -124,6 +128,7 @@ class TrainConfig:
     lambda_adv: float = 1.0
     lambda_identity: float = 0.0  # identity loss weight (relative to lambda_rec); 0 disables it
     lambda_lr_consistency: float = 0.0  # beyond the paper: G_L(x) brought back to the LR grid must correlate with x
+    lambda_periodic: float = 0.0  # beyond the paper: penalises G_L(x)'s power at the 2 and 4 px lattice frequencies
     gan_loss: str = "bce"  # "bce" (log loss, the paper) or "lsgan"
     pool_size: int = 0  # history of generated images for the critics; 0 disables, 50 as CycleGAN
     srgan_adv_weight: float = 1e-3  # SRGAN: weight of the adversarial term next to the pixel MSE (Ledig et al.)
@@ -147,7 +152,8 @@ class TrainConfig:
             raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if not 0.0 <= self.beta_1 < 1.0:
             raise ConfigError(f"train.beta_1 must be in [0, 1), got {self.beta_1}")
-        for name in ("lambda_rec", "lambda_adv", "lambda_identity", "lambda_lr_consistency", "srgan_adv_weight"):
+        for name in ("lambda_rec", "lambda_adv", "lambda_identity", "lambda_lr_consistency", "lambda_periodic",
+                     "srgan_adv_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.gan_loss not in GAN_LOSSES:

@@ -348,3 +348,41 @@ def test_lr_consistency_weight_enters_the_generator_loss():
     expected = losses["adv_loss"] + 10.0 * losses["cycle_loss"] + 2.0 * losses["lr_consistency_loss"]
     np.testing.assert_allclose(losses["g_loss"], expected, rtol=1e-5)
     assert float(tf.reduce_min(losses["lr_consistency_loss"])) > 0.0
+
+
+def test_lattice_amplitude_is_the_windowed_spectrum_at_the_metric_peaks():
+    from microsr_tf.evaluation.periodic import _lattice_bins
+    from microsr_tf.models.cyclegan import lattice_amplitude, lattice_basis
+
+    rng = np.random.default_rng(4)
+    u = rng.random((3, 16, 16, 1)).astype(np.float32)
+    got = lattice_amplitude(tf.constant(u), lattice_basis(16)).numpy()
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(16) / 16)  # periodic Hann
+    window = np.outer(hann, hann)
+    period2, period4 = _lattice_bins(16, 16)
+    for i in range(3):  # numpy's FFT of the windowed patch at the evaluation's 15 peak frequencies
+        spectrum = np.fft.fft2(u[i, :, :, 0] * window) / window.sum()
+        assert got[i] == pytest.approx(sum(abs(spectrum[k]) for k in period2 + period4), rel=1e-4)
+    # a flat patch has none, nor has a smooth ramp; a checkerboard of amplitude a has all of it at (1/2, 1/2)
+    assert lattice_amplitude(tf.fill([1, 16, 16, 1], 0.7), lattice_basis(16)).numpy()[0] < 1e-4
+    ramp = np.cos(2 * np.pi * np.arange(16) / 16)[None, :, None] * np.ones((1, 16, 16, 1))
+    assert lattice_amplitude(tf.constant(ramp, tf.float32), lattice_basis(16)).numpy()[0] < 1e-4
+    checker = 0.1 * (-1.0) ** np.add.outer(np.arange(16), np.arange(16))
+    amp = lattice_amplitude(tf.constant(checker[None, :, :, None], tf.float32), lattice_basis(16)).numpy()[0]
+    assert amp == pytest.approx(0.1, abs=1e-5)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        lattice_basis(18)
+
+
+def test_periodic_weight_enters_the_generator_loss():
+    tc = TrainConfig(batch_size=2, lambda_periodic=3.0)
+    model = build_cyclegan(TINY, tc, P)
+    model.compile(keras.optimizers.Adam(0.0), keras.optimizers.Adam(0.0))
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.random((2, P, P, 1)).astype(np.float32))
+    y = tf.constant(rng.random((2, P, P, 1)).astype(np.float32))
+    losses = model.step(x, y)
+    expected = losses["adv_loss"] + 10.0 * losses["cycle_loss"] + 3.0 * losses["periodic_loss"]
+    np.testing.assert_allclose(losses["g_loss"], expected, rtol=1e-5)
+    assert float(tf.reduce_min(losses["periodic_loss"])) > 0.0
+    assert "periodic_loss" not in build_cyclegan(TINY, TrainConfig(batch_size=2), P).trackers

@@ -60,10 +60,11 @@ def test_float32_layer_is_keras_layer_and_loads_its_weights(tmp_path):
     np.testing.assert_array_equal(ours(x).numpy(), keras_model(x).numpy())
 
 
+@pytest.mark.parametrize("blur", ["none", "binomial"])
 @pytest.mark.parametrize("upsample", ["transpose", "resize", "bilinear"])
-def test_decoder_reach_is_exactly_the_rows_the_decoder_reads(upsample):
+def test_decoder_reach_is_exactly_the_rows_the_decoder_reads(upsample, blur):
     tf.keras.utils.set_random_seed(0)
-    gen = ResnetGenerator(ngf=4, n_blocks=1, upsample=upsample, decoder_norm="none")
+    gen = ResnetGenerator(ngf=4, n_blocks=1, upsample=upsample, decoder_norm="none", decoder_blur=blur)
     gen(tf.zeros([1, 16, 16, 1]))
     h = tf.random.stateless_normal([1, 12, 6, 16], [3, 3])
     base = gen.decode(h).numpy()[0, ..., 0]
@@ -94,3 +95,20 @@ def test_bfloat16_stripes_with_the_tight_halo_match_full_passes():
     # the stripe height changes nothing: bfloat16 rounding is the same whatever the stripe
     for result in striped[1:]:
         np.testing.assert_allclose(result.mean, striped[0].mean, atol=1e-6)
+
+
+def test_binomial_blur_is_the_separable_121_filter_and_removes_the_nyquist_stripes():
+    from scipy.ndimage import convolve1d
+
+    from microsr_tf.models.upsampling import BinomialBlur2D
+
+    x = np.random.default_rng(5).random((2, 12, 10, 3)).astype(np.float32)
+    expected = convolve1d(convolve1d(x, [0.25, 0.5, 0.25], axis=1, mode="mirror"), [0.25, 0.5, 0.25], axis=2,
+                          mode="mirror")  # scipy's "mirror" reflects without repeating the edge, as tf.pad REFLECT
+    np.testing.assert_allclose(BinomialBlur2D()(x).numpy(), expected, atol=1e-6)
+    stripes = np.tile(np.array([0.3, 0.7], np.float32)[:, None], (6, 10))[None, :, :, None]  # alternating rows
+    np.testing.assert_allclose(BinomialBlur2D()(stripes).numpy()[0, 1:-1, :, 0], 0.5, atol=1e-6)
+    gen = ResnetGenerator(ngf=4, n_blocks=1, upsample="bilinear", decoder_norm="none", decoder_blur="binomial")
+    assert sum(isinstance(layer, BinomialBlur2D) for layer in gen.decoder) == 2
+    clone = ResnetGenerator.from_config(gen.get_config())
+    assert clone.decoder_blur == "binomial"

@@ -61,10 +61,11 @@ def anatomy_with_background(h: int = 96, w: int = 96) -> np.ndarray:
     return image
 
 
-def tiny_generator(decoder_norm: str, position: str = "bottleneck", upsample: str = "transpose") -> ResnetGenerator:
+def tiny_generator(decoder_norm: str, position: str = "bottleneck", upsample: str = "transpose",
+                   blur: str = "none") -> ResnetGenerator:
     tf.keras.utils.set_random_seed(1)
     gen = ResnetGenerator(ngf=4, n_blocks=2, dropout_position=position, decoder_norm=decoder_norm,
-                          upsample=upsample)
+                          upsample=upsample, decoder_blur=blur)
     gen(tf.zeros([1, 16, 16, 1]))
     for v in gen.trainable_variables:  # move scales and offsets off their initial values
         v.assign(v + 0.2 * tf.random.stateless_normal(v.shape, [3, len(v.path)]))
@@ -84,10 +85,11 @@ def per_tile_posterior(gen, image: np.ndarray, tile: int, samples: int, seed: in
     return out
 
 
-@pytest.mark.parametrize("position, upsample", [("bottleneck", "transpose"), ("resblocks", "transpose"),
-                                                ("bottleneck", "bilinear"), ("bottleneck", "resize")])
-def test_any_stripe_height_agrees_with_the_whole_slice_and_with_full_passes(position, upsample):
-    gen = tiny_generator("none", position, upsample)
+@pytest.mark.parametrize("position, upsample, blur", [
+    ("bottleneck", "transpose", "none"), ("resblocks", "transpose", "none"), ("bottleneck", "bilinear", "none"),
+    ("bottleneck", "resize", "none"), ("bottleneck", "bilinear", "binomial"), ("bottleneck", "transpose", "binomial")])
+def test_any_stripe_height_agrees_with_the_whole_slice_and_with_full_passes(position, upsample, blur):
+    gen = tiny_generator("none", position, upsample, blur)
     image = anatomy_with_background()
     samples, seed = 6, 21
     reference = naive_predict(gen, image[None, ..., None], samples=samples, seed=seed)  # T full passes

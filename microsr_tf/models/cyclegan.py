@@ -27,6 +27,7 @@ import contextlib
 from typing import Iterator, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from microsr_tf.config import ModelConfig, TrainConfig
@@ -35,7 +36,7 @@ from microsr_tf.models.generator import ResnetGenerator
 from microsr_tf.preprocessing import area_matrix
 
 LOSS_NAMES = ("g_loss", "d_loss", "cycle_loss", "adv_loss", "d_l_loss", "d_h_loss", "identity_loss",
-              "lr_consistency_loss")
+              "lr_consistency_loss", "periodic_loss")
 STEP_PREFIX = "step/"  # train_step also returns this step's losses under "step/<name>"
 
 
@@ -184,6 +185,34 @@ def lr_inconsistency(a: tf.Tensor, b: tf.Tensor, area: tuple[tf.Tensor, tf.Tenso
     return 1.0 - cov / norm
 
 
+def lattice_basis(patch: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Hann-windowed cosine and sine planes ``[patch, patch, 15]`` of the 15 non-zero frequencies of the
+    1/4-cycle-per-pixel lattice (the 2 and 4 px periods an x2 upsampling imprints), divided by the
+    window's sum. ``patch`` must be a multiple of 4, so that they are exact DFT frequencies; the window
+    is the periodic Hann, whose leakage reaches one bin only, so smooth content adds nothing at the
+    lattice (at 1/4 cycle per pixel, four bins from the origin even in a 16-pixel patch)."""
+    if patch % 4:
+        raise ValueError(f"the periodic loss needs a patch side divisible by 4, got {patch}")
+    freqs = [(ky, kx) for ky in range(4) for kx in range(4) if (ky, kx) != (0, 0)]
+    r = np.arange(patch, dtype=np.float64)
+    hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * r / patch)
+    window = np.outer(hann, hann)
+    phase = np.stack([2.0 * np.pi * (ky * r[:, None] + kx * r[None, :]) / 4.0 for ky, kx in freqs], axis=-1)
+    scale = window[..., None] / window.sum()
+    return tf.constant(np.cos(phase) * scale, tf.float32), tf.constant(np.sin(phase) * scale, tf.float32)
+
+
+def lattice_amplitude(u: tf.Tensor, basis: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+    """Per example, the summed amplitude of ``u``'s windowed Fourier coefficients at the 15 lattice
+    frequencies of :func:`lattice_basis`: about 0 for natural content, ``a / 2`` per frequency for an
+    imprinted cosine pattern of amplitude ``a``."""
+    cos, sin = basis
+    u = _float32(u)[..., 0]
+    re = tf.einsum("byx,yxk->bk", u, cos)
+    im = tf.einsum("byx,yxk->bk", u, sin)
+    return tf.reduce_sum(tf.sqrt(re * re + im * im + 1e-16), axis=1)
+
+
 class CycleGAN(keras.Model):
     """G_L, G_H, D_L, D_H and their fused training step; ``call(x)`` translates LR to HR with G_L.
 
@@ -197,7 +226,8 @@ class CycleGAN(keras.Model):
     Optional LR-consistency loss, beyond the paper (``lambda_lr_consistency``): brought back to the LR
     grid (``factors`` coarser), G_L(x) must keep x's structure and G_H(y) y's, measured by
     :func:`lr_inconsistency` -- super-resolution should sharpen what the scan shows, not move or invent
-    anatomy.
+    anatomy. Optional periodic loss, beyond the paper (``lambda_periodic``): :func:`lattice_amplitude`
+    of G_L(x), each Monte Carlo sample's power at the periods the two x2 upsamplings imprint.
     """
 
     def __init__(self, g_l: keras.Model, g_h: keras.Model, d_l: keras.Model, d_h: keras.Model,
@@ -210,14 +240,17 @@ class CycleGAN(keras.Model):
         self.lambda_adv = float(train_cfg.lambda_adv)
         self.lambda_identity = float(train_cfg.lambda_identity)
         self.lambda_lr_consistency = float(train_cfg.lambda_lr_consistency)
+        self.lambda_periodic = float(train_cfg.lambda_periodic)
         self.lr_area = area_operators(patch_size, factors)
+        self.lattice = lattice_basis(int(patch_size)) if self.lambda_periodic > 0 else None
         self.gan_loss = train_cfg.gan_loss
         self.patch_size = int(patch_size)
         shape = (self.patch_size, self.patch_size, 1)
         pools = train_cfg.pool_size > 0
         self.pool_l = ImagePool(train_cfg.pool_size, shape, name="pool_l") if pools else None
         self.pool_h = ImagePool(train_cfg.pool_size, shape, name="pool_h") if pools else None
-        optional = {"identity_loss": self.lambda_identity, "lr_consistency_loss": self.lambda_lr_consistency}
+        optional = {"identity_loss": self.lambda_identity, "lr_consistency_loss": self.lambda_lr_consistency,
+                    "periodic_loss": self.lambda_periodic}
         names = [n for n in LOSS_NAMES if optional.get(n, 1.0) > 0]
         self.trackers = {n: keras.metrics.Mean(name=n) for n in names}
         dummy = tf.zeros((1, *shape))
@@ -297,6 +330,10 @@ class CycleGAN(keras.Model):
                 lrc = lr_inconsistency(fake_hr, x, self.lr_area) + lr_inconsistency(fake_lr, y, self.lr_area)
                 g_total += self.lambda_lr_consistency * lrc
                 losses["lr_consistency_loss"] = lrc
+            if self.lambda_periodic > 0:
+                periodic = lattice_amplitude(fake_hr, self.lattice)
+                g_total += self.lambda_periodic * periodic
+                losses["periodic_loss"] = periodic
             g_scaled = tf.nn.compute_average_loss(g_total, global_batch_size=global_batch)
 
             if self.pool_h is not None:
@@ -350,7 +387,7 @@ def build_cyclegan(model_cfg: ModelConfig, train_cfg: TrainConfig, patch_size: i
 
     def generator(name: str) -> keras.Model:
         return ResnetGenerator(model_cfg.ngf, model_cfg.n_blocks, model_cfg.upsample, model_cfg.dropout_rate,
-                               model_cfg.dropout_position, model_cfg.decoder_norm, name=name)
+                               model_cfg.dropout_position, model_cfg.decoder_norm, model_cfg.decoder_blur, name=name)
 
     def critic(name: str) -> keras.Model:
         return PatchDiscriminator(model_cfg.ndf, model_cfg.n_layers_d, name=name)

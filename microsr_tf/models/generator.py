@@ -15,13 +15,14 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from microsr_tf.config import DECODER_NORMS, DROPOUT_POSITIONS, INFERENCE_PRECISIONS, UPSAMPLE_KINDS
+from microsr_tf.config import DECODER_BLURS, DECODER_NORMS, DROPOUT_POSITIONS, INFERENCE_PRECISIONS, UPSAMPLE_KINDS
 from microsr_tf.errors import ConfigError
 from microsr_tf.models.dropout import MCDropout
 from microsr_tf.models.head import OneChannelHead
 from microsr_tf.models.normalization import InstanceNorm
 from microsr_tf.models.padding import ReflectionPadding2D
-from microsr_tf.models.upsampling import BilinearResizeConv2D, Conv2DTranspose, SubPixelResizeConv2D
+from microsr_tf.models.upsampling import (BilinearResizeConv2D, BinomialBlur2D, Conv2DTranspose,
+                                         SubPixelResizeConv2D)
 
 DOWNSCALE = 4  # the trunk runs at 1/4 of the input resolution
 
@@ -115,7 +116,8 @@ class ResnetGenerator(keras.Model):
     3x3 stride-2 transposed conv; "resize": nearest x2 + 3x3 conv; "bilinear": bilinear x2 + 3x3 conv),
     7x7 head and sigmoid, instance
     normalisation after every convolution of the encoder and the blocks, and after the upsamplings
-    unless ``decoder_norm="none"``. Height and width must be multiples of 4. MC dropout (``rate``) sits
+    unless ``decoder_norm="none"``, and with ``decoder_blur="binomial"`` a fixed anti-aliasing blur after
+    each upsampling's activation (:class:`BinomialBlur2D`). Height and width must be multiples of 4. MC dropout (``rate``) sits
     after the trunk ("bottleneck", the paper's single dropout layer), inside every residual block
     ("resblocks", as CycleGAN's ``use_dropout``) or nowhere ("none"); it is on in every call.
 
@@ -126,7 +128,7 @@ class ResnetGenerator(keras.Model):
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9, upsample: str = "transpose",
                  dropout_rate: float = 0.5, dropout_position: str = "bottleneck", decoder_norm: str = "instance",
-                 **kwargs):
+                 decoder_blur: str = "none", **kwargs):
         super().__init__(**kwargs)
         if upsample not in UPSAMPLE_KINDS:
             raise ConfigError(f"model.upsample must be one of {UPSAMPLE_KINDS}, got {upsample!r}")
@@ -134,11 +136,13 @@ class ResnetGenerator(keras.Model):
             raise ConfigError(f"model.dropout_position must be one of {DROPOUT_POSITIONS}, got {dropout_position!r}")
         if decoder_norm not in DECODER_NORMS:
             raise ConfigError(f"model.decoder_norm must be one of {DECODER_NORMS}, got {decoder_norm!r}")
+        if decoder_blur not in DECODER_BLURS:
+            raise ConfigError(f"model.decoder_blur must be one of {DECODER_BLURS}, got {decoder_blur!r}")
         if not 0.0 <= dropout_rate < 1.0:
             raise ConfigError(f"model.dropout_rate must be in [0, 1), got {dropout_rate}")
         self.ngf, self.n_blocks, self.upsample = int(ngf), int(n_blocks), upsample
         self.dropout_rate, self.dropout_position = float(dropout_rate), dropout_position
-        self.decoder_norm = decoder_norm
+        self.decoder_norm, self.decoder_blur = decoder_norm, decoder_blur
         # A zero rate or no blocks to hold the dropout means the network is deterministic.
         position = dropout_position if dropout_rate > 0 else "none"
         if position == "resblocks" and n_blocks == 0:
@@ -159,6 +163,8 @@ class ResnetGenerator(keras.Model):
                   "resize": lambda: SubPixelResizeConv2D(filters),
                   "bilinear": lambda: BilinearResizeConv2D(filters)}[upsample]()
             self.decoder += [up, InstanceNorm(relu=True) if decoder_norm == "instance" else keras.layers.ReLU()]
+            if decoder_blur == "binomial":
+                self.decoder.append(BinomialBlur2D())
         self.decoder += [OneChannelHead(7), keras.layers.Activation("sigmoid", dtype="float32")]
         self.xla_kernels = True
 
@@ -203,8 +209,11 @@ class ResnetGenerator(keras.Model):
         reads input rows ``p - 1, p`` and row ``2p + 1`` row ``p``; the resize upsampling's row ``2p`` reads
         ``p - 1, p`` and row ``2p + 1`` rows ``p, p + 1``; the bilinear upsampling's rows ``2p`` and ``2p + 1``
         both read ``p - 1 .. p + 1`` once its 3x3 convolution is counted. Composed over the two x2 stages:
-        (2, 1), (2, 2) and (3, 3).
+        (2, 1), (2, 2) and (3, 3). The binomial blur after each stage reads one row more on either side of
+        each stage's output; composed: (3, 2), (3, 3) and (3, 3).
         """
+        if self.decoder_blur == "binomial":
+            return {"transpose": (3, 2), "resize": (3, 3), "bilinear": (3, 3)}[self.upsample]
         return {"transpose": (2, 1), "resize": (2, 2), "bilinear": (3, 3)}[self.upsample]
 
     def build(self, input_shape):
@@ -281,10 +290,12 @@ class ResnetGenerator(keras.Model):
         block_conv = 9 * (4 * ngf) ** 2 / 16
         costs += [block_conv] * (2 * self.n_blocks)
         costs += [up_taps * 4 * ngf * 2 * ngf / 16, up_taps * 2 * ngf * ngf / 4, 49 * ngf]
+        if self.decoder_blur == "binomial":  # 9 taps per channel after each upsampling
+            costs += [9 * 2 * ngf / 4, 9 * ngf]
         split = {"none": len(costs), "bottleneck": 3 + 2 * self.n_blocks, "resblocks": 4}[self._position]
         return {"prefix": round(sum(costs[:split])), "suffix": round(sum(costs[split:]))}
 
     def get_config(self):
         return {**super().get_config(), "ngf": self.ngf, "n_blocks": self.n_blocks, "upsample": self.upsample,
                 "dropout_rate": self.dropout_rate, "dropout_position": self.dropout_position,
-                "decoder_norm": self.decoder_norm}
+                "decoder_norm": self.decoder_norm, "decoder_blur": self.decoder_blur}

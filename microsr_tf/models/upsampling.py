@@ -1,5 +1,6 @@
 """Learned x2 upsampling layers: nearest-neighbour or bilinear resize then a 3x3 convolution (no
-checkerboard artefacts), and the paper's transposed convolution with a faster bfloat16 form."""
+checkerboard artefacts), and the paper's transposed convolution with a faster bfloat16 form; and the
+fixed binomial blur that can follow each upsampling's activation (anti-aliasing)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,26 @@ class BilinearResizeConv2D(_Upsample2x):
         size = 2 * tf.shape(x)[1:3]  # dynamic: the generator runs on slices of any size
         return self.conv(tf.cast(tf.image.resize(x, size, method="bilinear"), x.dtype))
 
+
+@keras.saving.register_keras_serializable(package="microsr_tf")
+class BinomialBlur2D(keras.layers.Layer):
+    """Fixed ``[1, 2, 1] / 4`` blur along height and width, per channel, with mirrored edges.
+
+    Its response ``cos^2(pi f)`` is exactly zero at the Nyquist frequency. Every x2 upsampling makes the
+    statistics of what it outputs alternate between even and odd pixels (each output phase mixes the
+    coarser grid with other weights), and the activation after it turns that alternation of the noise
+    into an alternation of the mean: a faint 2-pixel stripe pattern. Blurring after the activation
+    removes it there (anti-aliasing after the non-linearity, as in alias-free GANs); the following
+    convolutions cannot bring back a frequency that is not there. Trainable weights: none.
+    """
+
+    def call(self, x):
+        x = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
+        x = 0.25 * x[:, :-2] + 0.5 * x[:, 1:-1] + 0.25 * x[:, 2:]
+        return 0.25 * x[:, :, :-2] + 0.5 * x[:, :, 1:-1] + 0.25 * x[:, :, 2:]
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
 
 
 def _phase_kernels(kernel: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:

@@ -139,8 +139,8 @@ def test_presets_are_valid_train_configs():
             assert cfg.model.method == method and cfg.train.steps_per_epoch is None
     cg = PRESETS["cpu"].config("cyclegan")
     assert (cg.model.ngf, cg.model.n_blocks, cg.model.upsample, cg.model.decoder_norm, cg.train.gan_loss,
-            cg.train.lambda_identity, cg.train.lambda_lr_consistency, cg.data.patch_size) == (
-        16, 6, "bilinear", "none", "lsgan", 0.5, 1.0, 128)
+            cg.train.lambda_identity, cg.train.lambda_lr_consistency, cg.train.lambda_periodic, cg.data.patch_size) == (
+        16, 6, "bilinear", "none", "lsgan", 0.5, 1.0, 1.0, 128)
     for method in ("unet", "srgan"):
         base = PRESETS["cpu"].config(method)
         assert (base.model.ngf, base.data.patch_size, base.data.stride, base.train.batch_size) == (

@@ -96,4 +96,4 @@ class TorchCycleGANStep:
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
-        return float(g_loss)
+        return float(g_loss.detach())

@@ -92,12 +92,12 @@ class BilinearResizeConv2D(_Upsample2x):
 class BinomialBlur2D(keras.layers.Layer):
     """Fixed ``[1, 2, 1] / 4`` blur along height and width, per channel, with mirrored edges.
 
-    Its response ``cos^2(pi f)`` is exactly zero at the Nyquist frequency. Every x2 upsampling makes the
-    statistics of what it outputs alternate between even and odd pixels (each output phase mixes the
-    coarser grid with other weights), and the activation after it turns that alternation of the noise
-    into an alternation of the mean: a faint 2-pixel stripe pattern. Blurring after the activation
-    removes it there (anti-aliasing after the non-linearity, as in alias-free GANs); the following
-    convolutions cannot bring back a frequency that is not there. Trainable weights: none.
+    Its response ``cos^2(pi f)`` is exactly zero at the Nyquist frequency. A trained generator prints a
+    faint 2-pixel stripe pattern even on a constant input; the likely source (not isolated) is that every
+    x2 upsampling makes the statistics of its output alternate between even and odd pixels and the
+    activation after it turns that into an alternating mean. Blurring after the activation removes the
+    Nyquist component there (anti-aliasing after the non-linearity, as in alias-free GANs); the following
+    linear convolution cannot bring it back. Trainable weights: none.
     """
 
     def call(self, x):

@@ -30,18 +30,56 @@ def epoch_means(logs: dict | None) -> dict[str, float]:
     return {k: float(v) for k, v in (logs or {}).items() if not k.startswith(STEP_PREFIX)}
 
 
+class EpochMeanState(tf.Module):
+    """The loss trackers' running sums as of the last checkpoint, saved with it.
+
+    Keras resets its loss trackers whenever an epoch begins, so a run resumed mid-epoch would average
+    only the steps after the resume: its epoch means, and with them the best-epoch pick, would differ from
+    the uninterrupted run's. Seeding the trackers from this state when the resumed epoch begins makes
+    them continue exactly (the float32 sums are restored bit for bit).
+    """
+
+    def __init__(self, trackers: list):
+        super().__init__(name="epoch_means")
+        size = sum(len(t.variables) for t in trackers)
+        self.step = tf.Variable(-1, dtype=tf.int64, trainable=False, name="step")
+        self.values = tf.Variable(tf.zeros([size], tf.float64), trainable=False, name="values")
+
+    @staticmethod
+    def _variables(trackers: list) -> list:
+        return [v for t in trackers for v in t.variables]
+
+    def capture(self, trackers: list, step: int) -> None:
+        """Record the trackers' state at global step ``step`` (right before a checkpoint is written)."""
+        self.values.assign([float(np.asarray(v.numpy())) for v in self._variables(trackers)])
+        self.step.assign(step)
+
+    def seed(self, trackers: list, step: int) -> bool:
+        """Put the recorded state back into the trackers when it was recorded at ``step``; whether it was."""
+        if int(self.step.numpy()) != step:
+            return False
+        for variable, value in zip(self._variables(trackers), self.values.numpy()):
+            variable.assign(value)
+        return True
+
+
 class CheckpointSaver(keras.callbacks.Callback):
     """Saves the full training state every ``every`` steps and at each epoch end; tracks the best
     epoch (lowest epoch mean of ``best_key``, the cycle loss by default) and stops, without saving,
     when a loss turns NaN or infinite.
 
     ``on_best()`` is called after each new best epoch has been checkpointed (e.g. to export the
-    generator). ``diverged`` is ``(step, loss name)`` once a non-finite loss was seen.
+    generator). ``diverged`` is ``(step, loss name)`` once a non-finite loss was seen. With
+    ``epoch_state`` every checkpoint records the epoch's running means, and a run resumed mid-epoch
+    (``resumed_mid_epoch``) continues them when its first epoch begins.
     """
 
     def __init__(self, manager: tf.train.CheckpointManager, every: int, best_cycle: tf.Variable,
-                 on_best: Callable[[], None] | None = None, best_key: str = "cycle_loss"):
+                 on_best: Callable[[], None] | None = None, best_key: str = "cycle_loss",
+                 epoch_state: EpochMeanState | None = None, resumed_mid_epoch: bool = False):
         super().__init__()
+        self.epoch_state = epoch_state
+        self._reseed = resumed_mid_epoch and epoch_state is not None
         self.manager = manager
         self.every = int(every)
         self.best_cycle = best_cycle
@@ -61,8 +99,15 @@ class CheckpointSaver(keras.callbacks.Callback):
 
     def _save(self, step: int, force: bool = False) -> None:
         if force or step != self._saved_step:
+            if self.epoch_state is not None:
+                self.epoch_state.capture(self.model.metrics, step)
             self.manager.save(checkpoint_number=step)
             self._saved_step = step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._reseed:  # Keras has just reset the trackers: continue the interrupted epoch's sums
+            self._reseed = False
+            self.epoch_state.seed(self.model.metrics, global_step(self.model))
 
     def on_train_batch_end(self, batch, logs=None):
         step = global_step(self.model)

@@ -45,7 +45,8 @@ from microsr_tf.errors import ConfigError, InputError, MicrosrError
 from microsr_tf.models.artifact import save_generator
 from microsr_tf.models.cyclegan import float32_generator
 from microsr_tf.pipeline import TrainingData
-from microsr_tf.training.callbacks import CheckpointSaver, ProgressBar, TensorBoardLogger, summary_writer
+from microsr_tf.training.callbacks import (CheckpointSaver, EpochMeanState, ProgressBar, TensorBoardLogger,
+                                          summary_writer)
 from microsr_tf.training.methods import build_method, is_deterministic, method_data
 from microsr_tf.training.multiworker import custom_loop
 from microsr_tf.training.strategy import WorkerDir, check_batch_size, is_chief, is_multiworker, make_strategy
@@ -301,18 +302,24 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
             setup = build_method(seeded, steps_per_epoch, data.factors)
             model = setup.model
             best_cycle = tf.Variable(math.inf, trainable=False, name="best_cycle_loss")
-        checkpoint = tf.train.Checkpoint(best_cycle_loss=best_cycle, run_facts=RunFacts(**now),
-                                         **setup.checkpoint_objects)
+            epoch_state = EpochMeanState(model.metrics)
+        state = dict(best_cycle_loss=best_cycle, run_facts=RunFacts(**now), **setup.checkpoint_objects)
+        checkpoint = tf.train.Checkpoint(**state, epoch_means=epoch_state)
         manager = tf.train.CheckpointManager(checkpoint, str(out_dir / CHECKPOINT_DIR), KEEP_CHECKPOINTS)
         if facts is not None:
-            _restore(checkpoint, latest_checkpoint(run_dir))
+            path = latest_checkpoint(run_dir)
+            _restore(tf.train.Checkpoint(**state), path)
+            # checkpoints written before the epoch means were saved lack them: the epoch then restarts its means
+            tf.train.Checkpoint(epoch_means=epoch_state).restore(path).expect_partial()
             _check_epochs(saved_cfg.train.epochs, cfg, int(model.optimizer.iterations.numpy()), steps_per_epoch,
                           run_dir)
             cfg.save(out_dir / CONFIG_FILE)  # once accepted, the run records the settings it continues with
 
         meta = generator_meta(cfg, data)
         best_path = run_dir / BEST_GENERATOR_FILE
+        mid_epoch = facts is not None and int(model.optimizer.iterations.numpy()) % steps_per_epoch != 0
         saver = CheckpointSaver(manager, tc.checkpoint_every, best_cycle, best_key=setup.best_loss,
+                                epoch_state=epoch_state, resumed_mid_epoch=mid_epoch,
                                 on_best=(lambda: save_generator(float32_generator(setup.generator), best_path, meta)) if chief else None)
         callbacks: list[keras.callbacks.Callback] = [saver]
         writer = None

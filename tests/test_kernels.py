@@ -1,5 +1,5 @@
 """Speed paths of the generator compute what the plain layers compute: the bfloat16 sub-pixel transposed
-convolution against Keras' own layer, and the decoder's reach (the stripes' halo) against what the
+convolution and its gradients against Keras' own layer, and the decoder's reach (the stripes' halo) against what the
 decoder actually reads."""
 
 from __future__ import annotations
@@ -48,6 +48,25 @@ def test_bfloat16_sub_pixel_form_equals_the_transposed_convolution(layers):
             phase, truth = fast[:, a::2, b::2], exact[:, a::2, b::2]
             assert np.abs(phase - truth).max() <= 2 * BF16_EPS * np.abs(truth).max()
             assert np.abs(truth).mean() > 0.1  # a phase of zeros would not pass as "close"
+
+
+def test_bfloat16_sub_pixel_form_has_the_transposed_convolutions_gradients(layers):
+    x, ours, reference = layers
+    probe = tf.random.stateless_normal([2, 18, 22, 16], [0, 3])  # d loss / d output
+
+    def gradients(layer, inputs):
+        inputs = tf.convert_to_tensor(inputs)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            loss = tf.reduce_sum(tf.cast(layer(inputs), tf.float32) * probe)
+        return [g.numpy().astype(np.float32) for g in tape.gradient(loss, [inputs, layer.kernel, layer.bias])]
+
+    fast = gradients(ours, x)
+    exact = gradients(reference, bf16_round(x))
+    for name, g, truth in zip(["input", "kernel", "bias"], fast, exact):
+        assert g.shape == truth.shape, name
+        assert np.abs(g - truth).max() <= 4 * BF16_EPS * np.abs(truth).max(), name
+        assert np.abs(truth).mean() > 0.1, name
 
 
 def test_float32_layer_is_keras_layer_and_loads_its_weights(tmp_path):

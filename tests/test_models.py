@@ -125,6 +125,28 @@ def test_instance_norm_equals_keras_group_normalization(rng, xla, relu):
     assert InstanceNorm.from_config(norm.get_config()).relu is relu
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_instance_norm_kernel_gradients_equal_the_plain_ops_derivative(rng, relu, dtype):
+    x = tf.cast(tf.constant((3.0 + rng.normal(size=(3, 9, 7, 5))).astype("float32")), dtype)
+    probe = tf.constant(rng.normal(size=(3, 9, 7, 5)).astype("float32"))  # d loss / d output
+    norm = InstanceNorm(relu=relu)
+    norm.build(x.shape)
+    norm.gamma.assign(rng.normal(size=5).astype("float32"))
+    norm.beta.assign(rng.normal(size=5).astype("float32"))
+    grads = {}
+    for xla in (True, False):
+        norm.xla = xla
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.cast(norm(x), tf.float32) * probe)
+        grads[xla] = [tf.cast(g, tf.float32).numpy() for g in tape.gradient(loss, [x, norm.gamma, norm.beta])]
+    tolerance = 1e-4 if dtype == "float32" else 2**-7  # the input gradient is rounded to bfloat16
+    for name, fused, plain in zip(["x", "gamma", "beta"], grads[True], grads[False]):
+        assert np.abs(plain).max() > 0.1, name
+        np.testing.assert_allclose(fused, plain, atol=tolerance * np.abs(plain).max(), rtol=0, err_msg=name)
+
+
 @pytest.mark.parametrize("xla", [True, False])
 def test_one_channel_head_equals_reflection_padding_then_conv(rng, xla):
     x = tf.constant(rng.normal(size=(2, 12, 10, 6)).astype("float32"))

@@ -3,7 +3,8 @@
 Both train the same networks (ResnetGenerator x2, PatchDiscriminator x2) on the same batches. The
 baseline follows the keras.io CycleGAN example: a ``tf.function`` with a persistent tape, one
 gradient call and one Adam optimizer per network; it is run with our objective (the speed-up
-reference) and as published, with its always-on identity terms (two more generator passes).
+reference) and as published, with its always-on identity terms (two more generator passes), and with
+the generator built from stock Keras layers as the example builds it (``stock_generator``).
 Ours (``CycleGAN.train_step`` through ``fit``) takes two gradient calls (generators, critics),
 reuses the fakes and the critics' logits on them, skips identity passes when their weight is 0,
 and runs with or without XLA (``jit_compile``), and in float32 or ``mixed_bfloat16``
@@ -36,11 +37,41 @@ from microsr_tf.models.generator import ResnetGenerator  # noqa: E402
 import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 
-class KerasIoStyleStep:
-    """The keras.io CycleGAN step: four networks, four Adam optimizers, four gradient calls."""
+def stock_generator(ngf: int, n_blocks: int, dropout_rate: float) -> keras.Model:
+    """The same ResNet generator built from stock Keras layers, as the keras.io example builds it:
+    ``GroupNormalization(groups=-1)`` for instance normalisation, Keras' transposed convolution and
+    dropout (bottleneck, always on), a plain 7x7 convolution into one channel."""
 
-    def __init__(self, mc: ModelConfig, tc: TrainConfig, patch: int, identity: bool = False):
+    def pad(x, p):
+        return keras.layers.Lambda(lambda t: tf.pad(t, [[0, 0], [p, p], [p, p], [0, 0]], mode="REFLECT"))(x)
+
+    def norm_relu(x, relu=True):
+        x = keras.layers.GroupNormalization(groups=-1, epsilon=1e-5)(x)
+        return keras.layers.ReLU()(x) if relu else x
+
+    inputs = keras.Input((None, None, 1))
+    x = norm_relu(keras.layers.Conv2D(ngf, 7)(pad(inputs, 3)))
+    for mult in (2, 4):
+        x = norm_relu(keras.layers.Conv2D(mult * ngf, 3, strides=2, padding="same")(x))
+    for _ in range(n_blocks):
+        h = norm_relu(keras.layers.Conv2D(4 * ngf, 3)(pad(x, 1)))
+        x = keras.layers.Add()([x, norm_relu(keras.layers.Conv2D(4 * ngf, 3)(pad(h, 1)), relu=False)])
+    x = keras.layers.Dropout(dropout_rate)(x, training=True)
+    for mult in (2, 1):
+        x = norm_relu(keras.layers.Conv2DTranspose(mult * ngf, 3, strides=2, padding="same")(x))
+    outputs = keras.layers.Activation("sigmoid")(keras.layers.Conv2D(1, 7)(pad(x, 3)))
+    return keras.Model(inputs, outputs)
+
+
+class KerasIoStyleStep:
+    """The keras.io CycleGAN step: four networks, four Adam optimizers, four gradient calls; with this
+    package's generator, or with ``stock_layers`` the same generator built from stock Keras layers."""
+
+    def __init__(self, mc: ModelConfig, tc: TrainConfig, patch: int, identity: bool = False,
+                 stock_layers: bool = False):
         def gen():
+            if stock_layers:
+                return stock_generator(mc.ngf, mc.n_blocks, mc.dropout_rate)
             return ResnetGenerator(mc.ngf, mc.n_blocks, mc.upsample, mc.dropout_rate, mc.dropout_position)
 
         self.gen_g, self.gen_f = gen(), gen()
@@ -148,9 +179,10 @@ def main() -> None:
     dataset = _batches(args.patch, args.batch)
 
     runners = {}
-    for identity in (False, True):
-        baseline = KerasIoStyleStep(mc, tc, args.patch, identity)
+    for identity, stock in ((False, False), (True, False), (False, True)):
+        baseline = KerasIoStyleStep(mc, tc, args.patch, identity, stock)
         name = ("keras-io as published (+ identity terms)" if identity
+                else "keras-io style, stock Keras layers" if stock
                 else "keras-io style, same objective (4 gradients/optimizers)")
         runners[name] = lambda n, b=baseline, it=iter(dataset): _time_baseline(b, it, n)
     variants = [(False, "float32")] + ([] if args.no_xla else [(True, "float32")]) + [(False, "mixed_bfloat16")]

@@ -36,7 +36,7 @@ class EpochMeanState(tf.Module):
     Keras resets its loss trackers whenever an epoch begins, so a run resumed mid-epoch would average
     only the steps after the resume: its epoch means, and with them the best-epoch pick, would differ from
     the uninterrupted run's. Seeding the trackers from this state when the resumed epoch begins makes
-    them continue exactly (the float32 sums are restored bit for bit).
+    them continue from the checkpoint's sums (float32 values, held exactly in float64).
     """
 
     def __init__(self, trackers: list):

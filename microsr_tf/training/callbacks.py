@@ -54,13 +54,12 @@ class EpochMeanState(tf.Module):
         self.values.assign([float(np.asarray(v.numpy())) for v in self._variables(trackers)])
         self.step.assign(step)
 
-    def seed(self, trackers: list, step: int) -> bool:
-        """Put the recorded state back into the trackers when it was recorded at ``step``; whether it was."""
-        if int(self.step.numpy()) != step:
-            return False
-        for variable, value in zip(self._variables(trackers), self.values.numpy()):
-            variable.assign(value)
-        return True
+    def seed(self, trackers: list, step: int) -> None:
+        """Put the recorded state back into the trackers if it was recorded at ``step`` (a checkpoint
+        written before epoch means were saved has none: its epoch then restarts them)."""
+        if int(self.step.numpy()) == step:
+            for variable, value in zip(self._variables(trackers), self.values.numpy()):
+                variable.assign(value)
 
 
 class CheckpointSaver(keras.callbacks.Callback):

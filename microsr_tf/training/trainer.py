@@ -320,7 +320,8 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
         mid_epoch = facts is not None and int(model.optimizer.iterations.numpy()) % steps_per_epoch != 0
         saver = CheckpointSaver(manager, tc.checkpoint_every, best_cycle, best_key=setup.best_loss,
                                 epoch_state=epoch_state, resumed_mid_epoch=mid_epoch,
-                                on_best=(lambda: save_generator(float32_generator(setup.generator), best_path, meta)) if chief else None)
+                                on_best=(lambda: save_generator(float32_generator(setup.generator), best_path, meta))
+                                if chief else None)
         callbacks: list[keras.callbacks.Callback] = [saver]
         writer = None
         if chief:

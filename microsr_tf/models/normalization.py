@@ -20,26 +20,21 @@ def instance_norm(name: str | None = None) -> keras.layers.GroupNormalization:
     return keras.layers.GroupNormalization(groups=-1, epsilon=EPSILON, name=name)
 
 
-def _instance_norm_ops(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float, relu: bool) -> tf.Tensor:
-    """Per-(example, channel) normalisation over height and width, scale, offset and optional ReLU. Statistics
-    and arithmetic are float32 whatever ``x``'s dtype; the result has ``x``'s dtype."""
-    dtype = x.dtype
-    x = tf.cast(x, tf.float32)
-    mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
-    var = tf.reduce_mean(tf.square(x - mean), axis=[1, 2], keepdims=True)
-    scale = gamma * tf.math.rsqrt(var + epsilon)
-    y = x * scale + (beta - mean * scale)
-    return tf.cast(tf.nn.relu(y) if relu else y, dtype)
-
-
-def _forward_ops(x, gamma, beta, epsilon: float, relu: bool):
-    """:func:`_instance_norm_ops` that also returns the per-(example, channel) mean and 1 / std."""
+def _forward_ops(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float, relu: bool):
+    """Per-(example, channel) normalisation over height and width, scale, offset and optional ReLU, with the
+    mean and 1 / std it used. Statistics and arithmetic are float32 whatever ``x``'s dtype; the result has
+    ``x``'s dtype."""
     dtype = x.dtype
     x = tf.cast(x, tf.float32)
     mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
     inv = tf.math.rsqrt(tf.reduce_mean(tf.square(x - mean), axis=[1, 2], keepdims=True) + epsilon)
     y = (x - mean) * (gamma * inv) + beta
     return tf.cast(tf.nn.relu(y) if relu else y, dtype), mean, inv
+
+
+def _instance_norm_ops(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float, relu: bool) -> tf.Tensor:
+    """The normalised output of :func:`_forward_ops` as plain ops (the statistics are pruned from the graph)."""
+    return _forward_ops(x, gamma, beta, epsilon, relu)[0]
 
 
 def _backward_ops(dy, x, y, mean, inv, gamma, relu: bool):

@@ -93,8 +93,8 @@ def run_demo(out_dir: str | os.PathLike, model: str | os.PathLike | None = None,
                                      "checkout; pass --model RUN_DIR|MODEL.keras|SAVEDMODEL)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InputError(out, "output directory is not empty (use --overwrite)")
+    generator, meta = load_model(model_path)  # a model that cannot load leaves no output folder behind
     out.mkdir(parents=True, exist_ok=True)
-    generator, meta = load_model(model_path)
 
     say("writing a phantom temporal bone (LR cone-beam CT, its micro-CT twin, and an unpaired micro-CT subject)")
     t0 = time.perf_counter()

@@ -100,6 +100,8 @@ def parse_budget(text: str) -> float:
 def format_duration(seconds: float) -> str:
     """A budget as the user would write it: ``45m``, ``1h30m``, ``1m30s``, ``20s``."""
     s = int(round(seconds))
+    if s == 0 and seconds > 0:
+        return f"{seconds:.3g}s"
     h, rest = divmod(s, 3600)
     m, s = divmod(rest, 60)
     return (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s or not (h or m) else "")
@@ -222,7 +224,7 @@ def check_budget(budget_s: float, settings: RunSettings) -> None:
         detail = ", ".join(f"{name} {minutes(s)}" for name, s in parts.items())
         raise BudgetTooSmall(
             f"--budget {format_duration(budget_s)} is too small to train anything: {settings.preset} preset, "
-            f"--size {settings.size}, T = {settings.samples} needs at least --budget "
+            f"{settings.size} phantoms, T = {settings.samples} needs at least --budget "
             f"{format_duration(60 * math.ceil(needed / 60))} on a 2-core CPU ({detail}, plus {MARGIN:.0%} margin)")
 
 

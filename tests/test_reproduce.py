@@ -50,7 +50,7 @@ def test_unparsable_budget_is_one_line(text):
 
 
 @pytest.mark.parametrize("seconds, text", [(2700, "45m"), (5400, "1h30m"), (90, "1m30s"), (20, "20s"),
-                                           (3600, "1h"), (3661, "1h1m1s")])
+                                           (3600, "1h"), (3661, "1h1m1s"), (0.5, "0.5s")])
 def test_budget_formats_as_written(seconds, text):
     assert format_duration(seconds) == text
     assert parse_budget(text) == seconds

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 import tempfile
@@ -98,6 +99,19 @@ def option_values() -> Iterator[None]:
         yield
     except ConfigError as exc:
         raise click.UsageError(str(exc).splitlines()[0], ctx=click.get_current_context(silent=True)) from None
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be a finite number in the range (click's own lets ``nan`` and ``inf``
+    through): a usage error, exit 2, like any other out-of-range value."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def plural(n: int, noun: str) -> str:

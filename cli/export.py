@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
-from ._common import user_errors
+from ._common import FiniteFloat, user_errors
+
+MAX_SAMPLES = 1000  # microsr_tf.export.MAX_SAMPLES (not imported here: it loads TensorFlow)
+MAX_VERSION = 2**63 - 1  # TF-Serving reads version folders as int64
 
 
 @click.command()
@@ -12,13 +15,13 @@ from ._common import user_errors
               help="Training run directory or generator .keras file.")
 @click.option("--out", "base_dir", required=True, type=click.Path(file_okay=False),
               help="Model base path; the export goes to OUT/<version>/ as TF-Serving expects.")
-@click.option("--version", type=click.IntRange(min=1), default=None,
+@click.option("--version", type=click.IntRange(min=1, max=MAX_VERSION), default=None,
               help="Version number (default: one more than the highest in OUT).")
-@click.option("--samples", type=click.IntRange(min=2), default=100, show_default=True,
-              help="Monte Carlo samples of the serving_default signature (at most 1000).")
+@click.option("--samples", type=click.IntRange(min=2, max=MAX_SAMPLES), default=100, show_default=True,
+              help=f"Monte Carlo samples of the serving_default signature (at most {MAX_SAMPLES}).")
 @click.option("--max-pixels", type=click.IntRange(min=16), default=4096 * 4096, show_default=True,
               help="Most HR pixels (images x height x width) one request may hold; larger ones are refused.")
-@click.option("--memory-budget-mb", type=click.FloatRange(min=0, min_open=True), default=1024.0, show_default=True,
+@click.option("--memory-budget-mb", type=FiniteFloat(min=0, min_open=True), default=1024.0, show_default=True,
               help="Memory the server may use for the Monte Carlo passes it runs at once.")
 @user_errors
 def command(model_path: str, base_dir: str, version: int | None, samples: int, max_pixels: int,

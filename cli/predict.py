@@ -10,7 +10,7 @@ import click
 from microsr_tf.config import INFERENCE_PRECISIONS
 from microsr_tf.errors import ConfigError, InputError
 
-from ._common import option_values, user_errors
+from ._common import FiniteFloat, option_values, user_errors
 
 
 ROI_HELP = ("Only process voxel ranges i0:i1,j0:j1,k0:k1 of the input array (its own axis order, half-open, "
@@ -70,11 +70,15 @@ def _read_token(token_file: str | None) -> str | None:
         return os.environ.get("MICROSR_SERVING_TOKEN") or None
     try:
         with open(token_file, encoding="utf-8") as fh:
-            return fh.read().strip()
+            token = fh.read().strip()
     except OSError as exc:
         raise InputError(token_file, f"cannot read the token file ({exc.strerror or type(exc).__name__})") from None
     except UnicodeDecodeError:
         raise InputError(token_file, "the token file is not UTF-8 text") from None
+    if not token or any(c in token for c in "\r\n"):
+        raise InputError(token_file, "the token file should hold the bearer token alone, on one line "
+                                     f"({'it is empty' if not token else 'it has several lines'})")
+    return token
 
 
 class _Progress:
@@ -133,7 +137,7 @@ class _Progress:
               help="Working memory for the Monte Carlo passes; auto is half the memory available. A slice "
                    "that cannot fit is refused before anything is written.")
 @click.option("--roi", "roi_text", metavar="i0:i1,j0:j1,k0:k1", default=None, help=ROI_HELP)
-@click.option("--axis", type=int, default=None,
+@click.option("--axis", type=click.IntRange(0, 2), default=None,
               help="Slice axis of the input, 0, 1 or 2 (default: the model's, normally the last).")
 @click.option("--std", "write_std", is_flag=True, help="Also write NAME_std.nii.gz (square root of the variance).")
 @click.option("--percentiles", "percentiles_text", metavar="5,95", default=None,
@@ -170,11 +174,11 @@ class _Progress:
                    "(or set MICROSR_SERVING_TOKEN). Never printed or written anywhere.")
 @click.option("--insecure", is_flag=True,
               help="Allow plain text to a host outside loopback (only on a network you trust).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+@click.option("--timeout", "timeout_s", type=FiniteFloat(min=0, min_open=True), default=600.0,
               show_default=True, help="Seconds to wait for each answer of the server.")
 @click.option("--retries", type=click.IntRange(min=0), default=4, show_default=True,
               help="Retries while the server is unavailable, after 0.5, 1, 2, ... s.")
-@click.option("--max-message-mb", type=click.FloatRange(min=0, min_open=True), default=256.0, show_default=True,
+@click.option("--max-message-mb", type=FiniteFloat(min=0, min_open=True), default=256.0, show_default=True,
               help="Largest gRPC message sent or accepted (gRPC's own default is 4 MB).")
 @user_errors
 def command(inputs, model_path, out_dir, samples_text, seed, stitch, tile, memory_budget, roi_text, axis,
@@ -192,7 +196,8 @@ def command(inputs, model_path, out_dir, samples_text, seed, stitch, tile, memor
     """
     from microsr_tf.export import SavedModelGenerator, load_model
     from microsr_tf.inference.mc import resolve_memory_budget
-    from microsr_tf.inference.predict import check_options, plan_volume, predict_volume, stale_temp_files
+    from microsr_tf.inference.predict import (check_options, check_output_paths, output_paths, plan_volume,
+                                              predict_volume, stale_temp_files)
 
     with option_values():
         roi = parse_roi(roi_text)
@@ -219,11 +224,18 @@ def command(inputs, model_path, out_dir, samples_text, seed, stitch, tile, memor
                 raise ConfigError("--precision is for local prediction; the server runs its export in float32")
             if samples == "auto":
                 raise ConfigError("--samples auto is for local prediction; give the server a number of samples")
+            from microsr_tf.export import MAX_SAMPLES
+
+            if samples > MAX_SAMPLES:
+                raise ConfigError(f"samples must be an integer in [2, {MAX_SAMPLES}] with --server (the most an "
+                                  f"export answers), got {samples}")
         from microsr_tf.serving import ServingClient, remote_engine, served_meta
 
-        client = ServingClient(server, model_name, protocol, model_version, tls=tls, ca_file=tls_ca,
-                               cert_file=tls_cert, key_file=tls_key, token=_read_token(token_file),
-                               insecure=insecure, timeout=timeout_s, retries=retries, max_message_mb=max_message_mb)
+        token = _read_token(token_file)
+        with option_values():  # flags that do not go together, a malformed HOST:PORT: usage errors
+            client = ServingClient(server, model_name, protocol, model_version, tls=tls, ca_file=tls_ca,
+                                   cert_file=tls_cert, key_file=tls_key, token=token, insecure=insecure,
+                                   timeout=timeout_s, retries=retries, max_message_mb=max_message_mb)
         generator, meta = None, served_meta(client)
         engine = remote_engine(client, samples, stitch=stitch)
     plans = [plan_volume(path, meta, roi=roi, axis=axis, resample_input=resample_input)
@@ -233,6 +245,9 @@ def command(inputs, model_path, out_dir, samples_text, seed, stitch, tile, memor
         if plan.name in seen:
             raise InputError(plan.input_path, f"has the same name as {seen[plan.name]}; outputs would collide")
         seen[plan.name] = plan.input_path
+    check_output_paths([path for plan in plans
+                        for path in output_paths(plan.name, out_dir, write_std, percentiles, preview).values()],
+                       [plan.input_path for plan in plans])
     deterministic = meta.get("deterministic") is True
     method = meta.get("method", "dropout-free")
     if deterministic:

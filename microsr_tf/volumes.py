@@ -504,7 +504,12 @@ def _gzip_to_temp(src: str, target: Path) -> str:
 
 def _output_header(shape: tuple[int, int, int], affine: np.ndarray, dtype: np.dtype,
                    template: Nifti1Header | None) -> Nifti1Header:
-    """A fresh header for ``shape``/``affine``/``dtype`` keeping the template's qform/sform codes and units."""
+    """A fresh header for ``shape``/``affine``/``dtype`` keeping the template's qform/sform codes and units.
+
+    ``affine`` is the output grid in the template's best (sform) space; a template whose qform differs
+    from its sform keeps that difference: the output's qform is the template's qform moved by the same
+    change of voxel grid.
+    """
     if affine.shape != (4, 4) or not np.isfinite(affine).all():
         raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
     big = max(shape) > _NIFTI1_MAX_DIM
@@ -519,7 +524,14 @@ def _output_header(shape: tuple[int, int, int], affine: np.ndarray, dtype: np.dt
         units = template.get_xyzt_units()
         if qcode == 0 and scode == 0:  # the source relied on pixdim only; keep the resampled grid
             scode = 2
-    hdr.set_qform(affine, code=qcode)
+    qform = affine
+    if template is not None and qcode > 0 and scode > 0:
+        # ``affine`` was made from the template's best affine (its sform); a qform that places the volume
+        # elsewhere (scanner vs template space) gets the same voxel-grid change, not the sform's transform.
+        source_q, source_best = template.get_qform(), template.get_best_affine()
+        if not np.allclose(source_q, source_best, rtol=1e-5, atol=1e-4):
+            qform = source_q @ np.linalg.solve(source_best, affine)
+    hdr.set_qform(qform, code=qcode)
     hdr.set_sform(affine, code=scode)
     hdr.set_zooms(tuple(np.linalg.norm(affine[:3, :3], axis=0)))
     hdr.set_xyzt_units(*units)

@@ -8,9 +8,9 @@ import time
 from typing import Callable
 
 
-def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float, waiting_for: str,
-                 settle: float = 0.0) -> None:
-    """Once ``ready()`` holds (and ``settle`` more seconds pass), SIGKILL ``proc`` and reap it.
+def signal_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float, waiting_for: str,
+                sig: int, settle: float = 0.0) -> int:
+    """Once ``ready()`` holds (and ``settle`` more seconds pass), send ``sig`` to ``proc``; its exit code.
 
     Fails if the process exits first or ``ready()`` does not hold within ``timeout`` seconds;
     ``proc`` must have been started with ``stderr=subprocess.PIPE`` (shown when it exits early).
@@ -22,14 +22,21 @@ def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: flo
             assert time.monotonic() < deadline, f"no {waiting_for} within {timeout} s"
             time.sleep(0.05)
         time.sleep(settle)
-        assert proc.poll() is None, f"the process finished before it could be killed after {waiting_for}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        assert proc.poll() is None, f"the process finished before it could be signalled after {waiting_for}"
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
         proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    return proc.returncode
+
+
+def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float, waiting_for: str,
+                 settle: float = 0.0) -> None:
+    """:func:`signal_when` with SIGKILL, which no process can catch."""
+    assert signal_when(proc, ready, timeout, waiting_for, signal.SIGKILL, settle) == -signal.SIGKILL
 
 
 def sigkill_after_line(proc: subprocess.Popen, wanted: Callable[[str], bool], timeout: float,

@@ -272,3 +272,12 @@ def test_cli_export_then_predict_with_the_savedmodel(tmp_path, exported):
     mean = nib.load(tmp_path / "out" / "scan_mean.nii.gz")
     assert mean.shape == (32, 32, 2)
     np.testing.assert_allclose(mean.header.get_zooms(), (0.1, 0.1, 1.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [["--samples", "1001"], ["--version", str(2**63)], ["--memory-budget-mb", "nan"],
+                                   ["--memory-budget-mb", "inf"]])
+def test_out_of_range_export_options_are_usage_errors(tmp_path, extra):
+    result = CliRunner().invoke(cli, ["export", "--model", str(tmp_path / "g.keras"), "--out", str(tmp_path / "m"),
+                                      *extra])
+    assert result.exit_code == 2 and extra[0] in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "m").exists()

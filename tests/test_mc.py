@@ -295,3 +295,15 @@ def test_memory_estimate_counts_the_fused_heads_temporaries(decoder_norm):
     b = MonteCarloPredictor(left_out, samples=4).bytes_per_sample(h, w)
     rows = h if decoder_norm == "instance" else 4 * min(h // 4, sum(counted.decoder_reach) + 1)
     assert a - b == rows * w * per_pixel
+
+
+def test_a_huge_sample_count_is_planned_as_it_runs_not_all_at_once():
+    import itertools
+    import tracemalloc
+
+    pred = MonteCarloPredictor(tiny_generator(), samples=10**12, seed=0)
+    tracemalloc.start()
+    first = list(itertools.islice(pred._bounds(8), 3))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert first == [(0, 8), (8, 16), (16, 24)] and peak < 2**20

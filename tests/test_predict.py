@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from microsr_tf.models.artifact import save_generator
 from microsr_tf.models.generator import ResnetGenerator
 from microsr_tf.preprocessing import IntensityStats
 
-from processes import sigkill_when  # tests/processes.py
+from processes import signal_when, sigkill_when  # tests/processes.py
 
 HR_SPACING = 0.1
 FACTOR = 4
@@ -233,7 +234,7 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir
         expect = ["good.nii.gz", "3:3"]
     elif case == "bad_axis":
         args += ["--axis", "3"]
-        expect = ["good.nii.gz", "axis 3"]
+        expect = ["--axis", "3"]
     elif case == "second_input_bad":
         args.insert(1, write_lr(tmp_path / "fine.nii.gz", zooms=(0.2, 0.2, 0.8)))
         expect = ["fine.nii.gz"]
@@ -251,7 +252,7 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir
         (broken / "generator.meta.json").write_text(json.dumps({**meta, "hr_stats": {"mean": 1.0}}))
         args[2], expect = broken, ["generator.meta.json", "hr_stats", "lack std"]
     result = run_cli(args)
-    usage = case in ("one_sample", "roi_syntax", "huge_overlap")  # option values: a usage error, exit 2
+    usage = case in ("one_sample", "roi_syntax", "bad_axis")  # option values: a usage error, exit 2
     assert result.exit_code == (2 if usage else 1)
     assert "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()[-1 if usage else 0:]
@@ -294,3 +295,69 @@ def test_sigkill_mid_run_leaves_no_output_and_a_rerun_succeeds(tmp_path, model_d
     assert "interrupted run" in result.stderr
     assert final_files(out) == ["long_mean.nii.gz", "long_var.nii.gz"]
     assert nib.load(out / "long_mean.nii.gz").shape == (96, 96, 3)
+
+
+def test_sigterm_mid_run_removes_the_temporaries_as_ctrl_c_does(tmp_path, model_dir):
+    src = write_lr(tmp_path / "long.nii.gz", shape=(24, 24, 300), zooms=(0.4, 0.4, 0.4))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from microsr_tf.cli.main import main; main()", "predict", str(src), "--model",
+         str(model_dir), "--out-dir", str(out), "-T", "4", "--seed", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    code = signal_when(proc, lambda: any(f.endswith(".part") for f in (os.listdir(out) if out.is_dir() else [])),
+                       timeout=120, waiting_for="prediction output being written", sig=signal.SIGTERM, settle=1.0)
+    assert code == 1
+    assert os.listdir(out) == []  # no result, and no hidden temporary either
+
+
+def test_an_output_that_would_replace_an_input_or_land_on_a_folder_is_refused_before_any_work(tmp_path, model_dir):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_lr(scans / "ear.nii.gz")
+    second = write_lr(scans / "ear_mean.nii.gz", seed=1)  # what ear.nii.gz's mean would be called
+    before = second.read_bytes()
+    result = run_cli([scans / "ear.nii.gz", second, "--model", model_dir, "--out-dir", scans, "-T", 2])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{second}: is an input of this run" in lines[0], result.output
+    assert second.read_bytes() == before and sorted(os.listdir(scans)) == ["ear.nii.gz", "ear_mean.nii.gz"]
+
+    out = tmp_path / "out"
+    (out / "ear_var.nii.gz").mkdir(parents=True)  # a folder where an output file goes
+    result = run_cli([scans / "ear.nii.gz", "--model", model_dir, "--out-dir", out, "-T", 2, "--std"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{out / 'ear_var.nii.gz'}: is a folder" in lines[0], result.output
+    assert os.listdir(out) == ["ear_var.nii.gz"] and os.listdir(out / "ear_var.nii.gz") == []
+
+
+def test_percentiles_of_more_samples_than_memory_holds_are_refused_before_any_work(tmp_path, model):
+    gen, meta = model
+    src = write_lr(tmp_path / "ear.nii.gz")
+    with pytest.raises(ConfigError, match="samples kept for percentiles needs about"):
+        predict_volume(src, gen, meta, tmp_path / "out", samples=10**6, percentiles=(5, 95), memory_budget=64)
+    assert not (tmp_path / "out").exists()
+
+
+def test_qform_and_sform_that_differ_each_keep_their_own_space(tmp_path, model):
+    gen, meta = model
+    write_lr(tmp_path / "plain.nii.gz")
+    plain = nib.load(tmp_path / "plain.nii.gz")
+    data = np.asarray(plain.dataobj)
+    scanner = plain.affine.copy()
+    scanner[0, :3] *= -1  # x flipped, another origin: scanner space
+    scanner[:3, 3] = (5.5, -7.0, 12.0)
+    template = plain.affine.copy()
+    template[:3, 3] += (10.0, -20.0, 30.0)  # an aligned (template) space 36 mm away
+    img = nib.Nifti1Image(data, None)
+    img.set_qform(scanner, code=1)
+    img.set_sform(template, code=4)
+    nib.save(img, tmp_path / "ear.nii.gz")
+    res = predict_volume(tmp_path / "ear.nii.gz", gen, meta, tmp_path / "out", samples=2, seed=0)
+    out = nib.load(res.outputs["mean"]).header
+    assert int(out["qform_code"]) == 1 and int(out["sform_code"]) == 4
+    hr = all_voxels((40, 48, 6))[::97]
+    lr = np.asarray(hr, np.float64).copy()
+    lr[:, :2] = (lr[:, :2] + 0.5) / FACTOR - 0.5  # the LR continuous index of each HR voxel centre
+    assert np.abs(world(out.get_qform(), hr) - world(scanner, lr)).max() < 1e-3
+    assert np.abs(world(out.get_sform(), hr) - world(template, lr)).max() < 1e-4

@@ -82,9 +82,13 @@ def test_server_options_that_cannot_apply_are_refused(tmp_path, setup):
              (["--server", "127.0.0.1"], "expected HOST:PORT"),
              (["--server", server.grpc_target, "--tls-ca", str(tmp / "g.keras")], "add --tls"),
              ([], "give --model (or --server)")]
-    for extra, expected in cases:
+    for extra, expected in cases:  # option values that cannot work: usage errors
         result = runner.invoke(cli, base + extra)
-        assert result.exit_code in (1, 2) and expected in result.output, (extra, result.output)
+        assert result.exit_code == 2 and expected in result.output, (extra, result.output)
+    (tmp_path / "token").write_text("\n")
+    result = runner.invoke(cli, base + ["--server", server.grpc_target, "--token-file", str(tmp_path / "token")])
+    assert result.exit_code == 1 and f"Error: {tmp_path / 'token'}: the token file" in result.output, result.output
+    assert "it is empty" in result.output
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -443,17 +443,25 @@ class MonteCarloPredictor:
             return plan.trunk_bytes + plan.bytes_per_window_row * min(height // DOWNSCALE, sum(self._reach) + 1)
         return plan.bytes_per_sample
 
+    def _kept_bytes(self, height: int, width: int) -> int:
+        """Host memory of one image's raw samples, kept for percentiles (and their stacked copy)."""
+        return 2 * self.samples * height * width * 4 if self.percentiles else 0
+
     def fits(self, height: int, width: int) -> bool:
-        """Whether the prefix and one Monte Carlo pass of one ``height x width`` image fit the memory budget."""
+        """Whether the prefix and one Monte Carlo pass of one ``height x width`` image fit the memory budget,
+        with all its samples when percentiles are asked for."""
         plan = self._plan(height, width)
-        return plan.prefix_bytes + self.bytes_per_sample(height, width) <= self._budget_bytes
+        need = plan.prefix_bytes + self.bytes_per_sample(height, width) + self._kept_bytes(height, width)
+        return need <= self._budget_bytes
 
     def require_fit(self, height: int, width: int) -> None:
         """ConfigError, saying how much memory is needed, unless a ``height x width`` image :meth:`fits`."""
         if not self.fits(height, width):
-            need = (self._plan(height, width).prefix_bytes + self.bytes_per_sample(height, width)) / 2**20
+            kept = self._kept_bytes(height, width)
+            need = (self._plan(height, width).prefix_bytes + self.bytes_per_sample(height, width) + kept) / 2**20
+            what = f"with its {self.samples} samples kept for percentiles " if kept else ""
             raise ConfigError(
-                f"one {height}x{width} Monte Carlo pass needs about {need:.0f} MB, over the memory budget of "
+                f"one {height}x{width} Monte Carlo pass {what}needs about {need:.0f} MB, over the memory budget of "
                 f"{self.memory_budget_mb:.0f} MB (memory_budget_mb / --memory-budget); raise the budget")
 
     # ----- prediction -----------------------------------------------------------------------------------
@@ -472,7 +480,8 @@ class MonteCarloPredictor:
             return self._deterministic(x, seed)
         plan = self._plan(h, w)
         self.require_fit(h, w)
-        group = max(1, min(n, int(self._budget_bytes // (plan.prefix_bytes + self.bytes_per_sample(h, w)))))
+        group = max(1, min(n, int(self._budget_bytes // (plan.prefix_bytes + self.bytes_per_sample(h, w)
+                                                            + self._kept_bytes(h, w)))))
         if self.auto is not None:
             group = 1  # every image stops on its own
         results = {"mean": [], "var": [], "mean_half": [], "var_half": [], "kept": [], "used": []}
@@ -494,15 +503,15 @@ class MonteCarloPredictor:
         conv = convergence_figures(mean, zeros, mean, zeros)
         return MCResult(mean=mean, var=zeros, samples=self.samples, seed=seed, percentiles=pct, convergence=conv)
 
-    def _bounds(self, chunk: int) -> list[tuple[int, int]]:
+    def _bounds(self, chunk: int) -> Iterator[tuple[int, int]]:
         """Sample-id ranges of at most ``chunk`` samples, split at every checkpoint ``T`` and at ``T // 2``
-        (for the convergence figures)."""
+        (for the convergence figures); generated as they are used, so a huge ``T`` costs no memory."""
         stops = sorted({c for c in self._checkpoints} | {c // 2 for c in self._checkpoints})
-        bounds, start = [], 0
+        start = 0
         for stop in stops:
-            bounds += [(a, min(a + chunk, stop)) for a in range(start, stop, chunk)]
+            for a in range(start, stop, chunk):
+                yield a, min(a + chunk, stop)
             start = stop
-        return bounds
 
     def _whole_passes(self, plan: _Plan, features, group_seeds, budget: float):
         n = int(group_seeds.shape[0])

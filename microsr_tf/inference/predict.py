@@ -169,6 +169,18 @@ def output_paths(name: str, out_dir: str | os.PathLike, write_std: bool = False,
     return paths
 
 
+def check_output_paths(paths: Sequence[str], inputs: Sequence[str]) -> None:
+    """Refuse, before any work, output paths that a file could not be renamed onto (a folder in the way)
+    or that are one of ``inputs`` (writing there would replace a scan still to be read)."""
+    sources = {os.path.realpath(p) for p in inputs}
+    for path in paths:
+        if os.path.realpath(path) in sources:
+            raise InputError(path, "is an input of this run and also where an output would be written; "
+                                   "choose another --out-dir or rename the input")
+        if os.path.isdir(path):
+            raise InputError(path, "is a folder where this output file goes; move it or choose another --out-dir")
+
+
 def slice_seed(seed: int, index: int) -> int:
     """A 31-bit seed for slice ``index`` that depends only on the base seed and the slice index."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint32)[0] >> 1)
@@ -280,6 +292,7 @@ def predict_volume(
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0] >> 1)
     paths = output_paths(plan.name, out_dir, write_std, percentiles, preview)
+    check_output_paths(list(paths.values()), [plan.input_path])
     if engine is None:
         predictor = MonteCarloPredictor(generator, samples=samples, percentiles=tuple(percentiles),
                                         precision=precision, memory_budget_mb=memory_budget, stripe=tile)

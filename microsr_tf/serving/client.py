@@ -204,8 +204,8 @@ class ServingClient:
         if self.protocol == "grpc" and max(request.request_bytes, request.response_bytes) > self.max_message_bytes:
             need = max(request.request_bytes, request.response_bytes) / 2**20
             raise ServingError(f"{self.describe()}: a request of {request.images} image(s) needs messages of "
-                               f"{need:.0f} MB, over the {self.max_message_bytes / 2**20:.0f} MB limit; raise "
-                               "--max-message-mb (and the server's) or send smaller tiles (--stitch blend)")
+                               f"{need:.3g} MB, over the {self.max_message_bytes / 2**20:.3g} MB limit; raise "
+                               "--max-message-mb, or predict a smaller region (--roi)")
         started = time.monotonic()
         delay = self.backoff
         for attempt in range(self.retries + 1):
@@ -300,8 +300,11 @@ class ServingClient:
             return ServingError(f"{self.describe()} gave no answer within {self.timeout:g} s (--timeout)")
         if code == "RESOURCE_EXHAUSTED" and "message" in message.lower():
             return ServingError(f"{self.describe()}: message too large ({message}); raise --max-message-mb and the "
-                                "server's limit, or send smaller tiles (--stitch blend)")
+                                "server's limit, or predict a smaller region (--roi)")
         if code == "NOT_FOUND":
+            if self.version is not None:
+                return ServingError(f"{self.describe()}: {message} (model '{self.model_name}' version {self.version}; "
+                                    "see --model-name and --model-version)")
             return ServingError(f"{self.describe()}: {message} (model '{self.model_name}'; see --model-name)")
         if code == "INVALID_ARGUMENT":
             return ServingError(f"{self.describe()} refused the request: {message}")

@@ -166,9 +166,11 @@ class TrainConfig:
             raise ConfigError(f"train.pool_size must be >= 0, got {self.pool_size}")
         if self.decay_start_epoch is not None and not 0 <= self.decay_start_epoch < self.epochs:
             raise ConfigError("train.decay_start_epoch must be in [0, epochs)")
-        for name in ("checkpoint_every", "log_every", "image_every"):
+        for name in ("checkpoint_every", "log_every", "image_every", "n_val_patches"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1")
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mc_samples_val < 2:
+            raise ConfigError(f"train.mc_samples_val must be >= 2 (a variance needs two samples), got {self.mc_samples_val}")
         _check_seed("train.seed", self.seed)
 
 
@@ -249,7 +251,7 @@ class Config:
         if path is not None:
             try:
                 with open(path, encoding="utf-8") as fh:
-                    raw = yaml.safe_load(fh)
+                    raw = yaml.load(fh, Loader=_UniqueKeyLoader)
             except FileNotFoundError:
                 raise InputError(path, "config file not found") from None
             except UnicodeDecodeError:
@@ -268,6 +270,21 @@ class Config:
     def save(self, path: str | os.PathLike) -> None:
         """Write the resolved config as YAML, atomically."""
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last
+    silently, so a second ``data:`` section would drop the first one's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one section (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 @functools.cache

@@ -56,6 +56,8 @@ def test_save_round_trip(tmp_path):
         ({"train": {"beta_1": 1.5}}, "bad.yaml: train.beta_1 must be in [0, 1)"),
         ({"data": {"stride": 0}}, "bad.yaml: data.stride must be positive"),
         (["data", "train"], "bad.yaml: expected a mapping of sections, got list"),
+        ({"train": {"mc_samples_val": 1}}, "bad.yaml: train.mc_samples_val must be >= 2"),
+        ({"train": {"n_val_patches": 0}}, "bad.yaml: train.n_val_patches must be >= 1"),
     ],
 )
 def test_bad_values_are_refused_in_one_line(tmp_path, raw, needle):
@@ -74,6 +76,16 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(InputError, match="not valid YAML"):
         Config.load(bad)
+
+
+@pytest.mark.parametrize("text, key", [("data:\n  patch_size: 32\ndata:\n  stride: 8\n", "'data'"),
+                                       ("data:\n  patch_size: 32\n  patch_size: 64\n", "'patch_size'")])
+def test_a_key_given_twice_is_refused_not_silently_overwritten(tmp_path, text, key):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError) as info:
+        Config.load(path)
+    assert str(info.value).startswith(f"{path}: not valid YAML (key {key} appears twice") and "\n" not in str(info.value)
 
 
 def test_unreadable_config_files_are_input_errors(tmp_path):

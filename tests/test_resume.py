@@ -244,6 +244,25 @@ def test_changed_settings_are_refused_by_name_but_more_epochs_and_null_seeds_con
     assert any(line.startswith("Trained 4 steps (2 epochs)") for line in lines), lines
     assert lines[-1] == first.output.strip().splitlines()[-1]  # the same drawn seeds
 
+    saved = (run / "config.yaml").read_text()
+    code, lines = _resume(run, "--epochs", "1")  # fewer than done: refused, and config.yaml not rewritten
+    assert code == 1 and len(lines) == 1 and "train.epochs 1 is fewer than the 2 epochs" in lines[0], lines
+    assert (run / "config.yaml").read_text() == saved
+
+
+def test_a_checkpoint_list_that_is_empty_or_names_a_missing_checkpoint_is_refused_not_started_over(
+        training_folders, tmp_path):
+    run = tmp_path / "run"
+    train(Config.from_dict(TINY), *training_folders, run, progress=False)
+    state = run / "checkpoints" / "checkpoint"
+    kept = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir() if p.name != "checkpoint"}
+    for text, needle in [("", "names no checkpoint"), ('model_checkpoint_path: "ckpt-99"\n', "ckpt-99"),
+                         ("not a checkpoint list\n", "names no checkpoint")]:
+        state.write_text(text)
+        code, lines = _resume(run, "--epochs", "2")
+        assert code == 1 and len(lines) == 1 and lines[0].startswith(f"Error: {state}: ") and needle in lines[0], lines
+        assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir() if p.name != "checkpoint"} == kept
+
 
 def test_more_epochs_are_refused_once_the_learning_rate_decays(training_folders, tmp_path):
     run = tmp_path / "run"

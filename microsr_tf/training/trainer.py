@@ -119,8 +119,32 @@ def read_run_facts(path: str) -> dict[str, int]:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> str | None:
-    """Prefix of the newest checkpoint in ``run_dir``, or None."""
-    return tf.train.latest_checkpoint(os.path.join(os.fspath(run_dir), CHECKPOINT_DIR))
+    """Prefix of the newest checkpoint in ``run_dir``, or None when it has no checkpoint state file.
+
+    InputError, naming the file, when that state file cannot be read or names a checkpoint whose files
+    are gone: resuming must not quietly start the run over and overwrite the checkpoints it does have.
+    """
+    directory = os.path.join(os.fspath(run_dir), CHECKPOINT_DIR)
+    state_file = os.path.join(directory, "checkpoint")
+    if not os.path.exists(state_file):
+        return None
+    no_name = ("names no checkpoint; write the newest one into it (model_checkpoint_path: \"ckpt-N\") "
+               "or start a new run")
+    try:
+        with open(state_file, "rb") as fh:
+            if not fh.read().strip():
+                raise InputError(state_file, no_name)
+        state = tf.train.get_checkpoint_state(directory)
+    except (ValueError, tf.errors.OpError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(state_file, f"cannot read this checkpoint list ({first})") from None
+    if state is None or not state.model_checkpoint_path:
+        raise InputError(state_file, no_name)
+    path = state.model_checkpoint_path
+    if not tf.io.gfile.exists(path + ".index"):
+        raise InputError(state_file, f"names {os.path.basename(path)} as the newest checkpoint, but its files are "
+                                     "missing; name one that exists in it or start a new run")
+    return path
 
 
 def generator_meta(cfg: Config, data: TrainingData | PairedData) -> dict:
@@ -214,8 +238,12 @@ def _check_data(run_dir: Path, facts: dict[str, int], now: dict[str, int]) -> No
 
 
 def _check_epochs(saved_epochs: int | None, cfg: Config, done: int, steps_per_epoch: int, run_dir: Path) -> None:
-    """More (or fewer) epochs are fine unless the learning rate has begun its decay towards the last one."""
+    """More (or fewer) epochs are fine unless the learning rate has begun its decay towards the last one;
+    fewer than the run has already done are refused."""
     tc = cfg.train
+    if done > tc.epochs * steps_per_epoch:
+        raise ConfigError(f"{run_dir / CONFIG_FILE}: train.epochs {tc.epochs} is fewer than the {done / steps_per_epoch:g} "
+                          f"epochs this run has already trained; give at least {math.ceil(done / steps_per_epoch)}")
     decay = tc.decay_start_epoch
     if saved_epochs is None or saved_epochs == tc.epochs or decay is None or done <= decay * steps_per_epoch:
         return

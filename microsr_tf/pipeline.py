@@ -309,7 +309,6 @@ def _index_domain(name: str, folder, paths: list[Path], spacing, factors, cfg: D
     """
     p, stride = cfg.patch_size, cfg.stride
     vol_ids, slice_ks, boxes, counts, origins, stats = [], [], [], [], [], []
-    largest = (0, 0)
     for vid, path in enumerate(paths):
         vol = open_volume(path)
         configured = cfg.roi_threshold_lr if factors is not None else cfg.roi_threshold_hr
@@ -317,9 +316,9 @@ def _index_domain(name: str, folder, paths: list[Path], spacing, factors, cfg: D
         stats.append(volume_stats(vol, axis=cfg.axis, threshold=threshold, factors=factors))
         shape = vol.shape if factors is None else resampled_shape(vol.shape, cfg.axis, factors)
         plane = tuple(shape[i] for i in in_plane_axes(cfg.axis))
-        largest = max(largest, plane, key=min)
-        if min(plane) < p:
-            continue
+        if min(plane) < p:  # it would give no patch, yet its intensities would enter the pooled statistics
+            raise InputError(path, f"its slices are {plane[0]} x {plane[1]} px at the HR spacing, smaller than the "
+                                   f"{p} px patches; remove it from {name} training data or lower data.patch_size")
         for k, raw in vol.iter_slices(cfg.axis):
             mask = foreground_mask(raw, threshold)
             if factors is not None:
@@ -337,9 +336,6 @@ def _index_domain(name: str, folder, paths: list[Path], spacing, factors, cfg: D
                 boxes.append((r0, r1, c0, c1))
                 counts.append(len(found))
                 origins.append(found)
-    if min(largest) < p:
-        raise InputError(folder, f"patch size {p} is larger than every {name} slice (largest "
-                                 f"{largest[0]} x {largest[1]} px at the HR spacing); lower data.patch_size")
     if not counts:
         raise InputError(folder, f"no {p} px {name} patch has >= {cfg.min_foreground:.0%} foreground; lower "
                                  f"data.min_foreground or set data.roi_threshold_{name.lower()}")

@@ -221,12 +221,12 @@ def test_lr_not_coarser_is_refused(folders):
     assert "coarser" in str(exc.value)
 
 
-def test_patch_larger_than_every_slice_is_refused(folders):
+def test_a_volume_whose_slices_are_smaller_than_the_patch_is_refused_by_name(folders):
     lr_dir, hr_dir = folders
     with pytest.raises(InputError) as exc:
         make_training_data(lr_dir, hr_dir, config(patch_size=128, stride=64))
     assert_one_line_naming(exc, str(lr_dir))
-    assert "patch size 128" in str(exc.value)
+    assert "smaller than the 128 px patches" in str(exc.value)
 
 
 def test_no_foreground_patch_is_refused(folders):

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
@@ -93,7 +96,7 @@ def _invoke(*args: str):
 
 
 @pytest.mark.parametrize("case", ["empty", "no_nifti", "lr_finer", "patch_too_big", "unknown_key",
-                                  "indivisible_batch"])
+                                  "indivisible_batch", "one_volume_too_small"])
 def test_bad_input_is_one_line_and_leaves_no_run_dir(case, folders, tmp_path, request):
     lr, hr = folders
     run = tmp_path / "run"
@@ -109,6 +112,14 @@ def test_bad_input_is_one_line_and_leaves_no_run_dir(case, folders, tmp_path, re
         lr, hr = hr, lr
     elif case == "patch_too_big":
         extra = ["--patch-size", "128"]
+    elif case == "one_volume_too_small":  # it would give no patch but enter the HR statistics
+        mixed = tmp_path / "mixed"
+        mixed.mkdir()
+        for f in sorted(hr.iterdir()):
+            os.symlink(f, mixed / f.name)
+        img = nib.load(sorted(hr.iterdir())[0])
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:20, :20, :3], img.affine, img.header), mixed / "crop.nii.gz")
+        hr = mixed
     elif case == "unknown_key":
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text("train:\n  epochs: 1\n  learnig_rate: 0.1\n")
@@ -123,6 +134,7 @@ def test_bad_input_is_one_line_and_leaves_no_run_dir(case, folders, tmp_path, re
     assert code != 0
     assert len(lines) == 1 and lines[0].startswith("Error: "), lines
     expected = {"empty": str(lr), "no_nifti": str(lr), "patch_too_big": "patch",
+                "one_volume_too_small": f"{hr}/crop.nii.gz: its slices are 20 x 20 px at the HR spacing, smaller",
                 "lr_finer": f"{lr}: LR in-plane spacing 0.1 x 0.1 mm is not coarser than the HR target 0.4 x 0.4 mm",
                 "unknown_key": "learnig_rate", "indivisible_batch": "not divisible"}[case]
     assert expected in lines[0]

@@ -8,7 +8,7 @@ from ._common import user_errors
 
 
 @click.command()
-@click.option("--out", "out_dir", default="microsr-demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default="microsr-demo", show_default=True, type=click.Path(),
               help="Where the phantom, prediction (mean, variance, preview), evaluation report and report.json go.")
 @click.option("--model", default=None, type=click.Path(),
               help="Model to use instead of the bundled one (run dir, .keras or SavedModel).")

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from ._common import user_errors
+from ._common import FiniteFloat, user_errors
 
 
 @click.command("evaluate")
@@ -30,13 +30,14 @@ from ._common import user_errors
                    "'model' needs --model.")
 @click.option("--hu-distance", type=click.Choice(["I1", "I2", "I3"]), default="I1", show_default=True,
               help="OpenCV matchShapes distance between log-scaled Hu moments (see README: Evaluation).")
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=FiniteFloat(), default=None,
               help="Bone threshold in HR units for the Hu-moment segmentation. Default: Otsu per volume.")
-@click.option("--lr-psf-fwhm", type=float, default=0.0, show_default=True,
+@click.option("--lr-psf-fwhm", type=FiniteFloat(min=0), default=0.0, show_default=True,
               help="Scanner point spread function (FWHM in LR voxels) applied before averaging an output back "
                    "onto the LR grid for LR consistency; 0 = area averaging only.")
-@click.option("--axis", type=int, default=-1, show_default=True, help="Slice axis of every volume.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--axis", type=click.IntRange(-3, 2), default=-1, show_default=True,
+              help="Slice axis of every volume (0, 1, 2; -1 the last).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the pixel subsamples and of the random sparsification ordering.")
 @click.option("--overwrite", is_flag=True, help="Replace a report folder that already holds files.")
 @user_errors

@@ -13,7 +13,7 @@ MAX_VERSION = 2**63 - 1  # TF-Serving reads version folders as int64
 @click.command()
 @click.option("--model", "model_path", required=True, type=click.Path(),
               help="Training run directory or generator .keras file.")
-@click.option("--out", "base_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "base_dir", required=True, type=click.Path(),
               help="Model base path; the export goes to OUT/<version>/ as TF-Serving expects.")
 @click.option("--version", type=click.IntRange(min=1, max=MAX_VERSION), default=None,
               help="Version number (default: one more than the highest in OUT).")

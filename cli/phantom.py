@@ -21,7 +21,7 @@ def _profile_lines() -> str:
     "laptop CPU (HR 192x192x48 at 0.06 mm, anatomy at 0.6 scale); 'adult' keeps those voxel sizes with adult "
     "anatomy on a 23 mm field of view (HR 384x384x64, LR 48x48x64); 'paper' uses the paper's voxel sizes "
     "(HR 0.018 mm, LR 0.15 mm) on a cropped 10.8 mm field of view. Scanner profiles: " + _profile_lines() + "."))
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("out_dir", type=click.Path(path_type=str))  # a file there: refused by the command, exit 1
 @click.option("--subjects", "-n", type=click.IntRange(min=1), default=4, show_default=True,
               help="Subjects per unpaired training set.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,

@@ -91,6 +91,8 @@ def run_demo(out_dir: str | os.PathLike, model: str | os.PathLike | None = None,
     if not model_path.exists():
         raise InputError(model_path, "model not found (the bundled model ships in saved_models/ of a source "
                                      "checkout; pass --model RUN_DIR|MODEL.keras|SAVEDMODEL)")
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a directory; choose an output folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InputError(out, "output directory is not empty (use --overwrite)")
     generator, meta = load_model(model_path)  # a model that cannot load leaves no output folder behind

@@ -99,6 +99,32 @@ def test_exit_codes_are_2_for_usage_errors_and_1_for_input_errors(name, tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["file"]  # and wrote nothing
 
 
+@pytest.mark.parametrize("args", [["phantom", "{file}"], ["export", "--model", "{missing}", "--out", "{file}"],
+                                  ["demo", "--out", "{file}"]])
+def test_an_output_folder_that_is_a_file_is_exit_1_naming_it(tmp_path, args):
+    file = tmp_path / "file"
+    file.write_text("a file where a folder is expected")
+    fill = {"file": str(file), "missing": str(tmp_path / "missing.keras")}
+    result = CliRunner().invoke(cli, [a.format(**fill) for a in args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and lines[-1].startswith("Error: ") and str(tmp_path) in lines[-1], result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and file.read_text().startswith("a file")
+
+
+@pytest.mark.parametrize("args", [
+    ["evaluate", "--lr", "a", "--hr-dir", "b", "--pred", "m=p", "--out", "o", "--axis", "5"],
+    ["evaluate", "--lr", "a", "--hr-dir", "b", "--pred", "m=p", "--out", "o", "--lr-psf-fwhm", "-1"],
+    ["evaluate", "--lr", "a", "--hr-dir", "b", "--pred", "m=p", "--out", "o", "--threshold", "nan"],
+    ["rating-study", "make", "--lr", "a", "--method", "m=p", "--out", "o", "--slices", "0"],
+    ["rating-study", "make", "--lr", "a", "--method", "m=p", "--out", "o", "--seed", "-5"],
+    ["predict", "x.nii.gz", "--model", "m", "--out-dir", "o", "--axis", "3"],
+    ["predict", "x.nii.gz", "--server", "127.0.0.1:1", "--out-dir", "o", "--timeout", "inf"],
+])
+def test_out_of_range_option_values_are_usage_errors(args):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "Usage:" in result.output and "Traceback" not in result.output, result.output
+
+
 def test_a_config_file_in_error_is_an_input_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochs: 0\n")

@@ -44,11 +44,12 @@ def make(lr_path: str, methods: tuple[str, ...], out_dir: str, n_slices: int, se
 @click.option("--key", "key_path", required=True, metavar="KEY.json", help="key.json written by `make`.")
 @click.option("--out", "out_dir", required=True, metavar="DIR",
               help="Folder for report.md, summary.csv, pairwise.csv and boxplots.png.")
+@click.option("--overwrite", is_flag=True, help="Replace a report already in DIR.")
 @user_errors
-def report(csv_files: tuple[str, ...], key_path: str, out_dir: str) -> None:
+def report(csv_files: tuple[str, ...], key_path: str, out_dir: str, overwrite: bool) -> None:
     """Unblind and combine raters' CSVs: boxplots per method and criterion, Wilcoxon rank-sum and
     signed-rank tests between every pair of methods, with rank-biserial effect sizes."""
     from microsr_tf.evaluation.rating_report import make_report
 
-    for path in make_report(csv_files, key_path, out_dir).values():
+    for path in make_report(csv_files, key_path, out_dir, overwrite=overwrite).values():
         click.echo(f"wrote {path}")

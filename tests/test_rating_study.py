@@ -344,7 +344,7 @@ def test_several_raters_combine(tmp_path):
 @pytest.mark.parametrize("case", ["other_study", "rating_zero", "rating_seven", "rating_text", "missing_column",
                                   "ragged_row", "empty_file", "not_utf8", "bad_quote", "unknown_trial",
                                   "twice_across_files", "empty_rater", "no_ratings", "csv_missing", "key_missing",
-                                  "key_not_json", "key_not_a_key", "out_is_file"])
+                                  "key_not_json", "key_not_a_key", "out_is_file", "no_scores"])
 def test_report_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, case):
     key = write_key(tmp_path / "key.json")
     good = write_csv(tmp_path / "ann.csv", RATER_1)
@@ -391,6 +391,9 @@ def test_report_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, cas
     elif case == "no_ratings":
         write_csv(bad, [])
         expect = f"{bad}: holds no ratings"
+    elif case == "no_scores":
+        write_csv(bad, [(rater, trial, "", "") for rater, trial, _, _ in RATER_2])
+        expect = f"{bad}: holds no scores"
     elif case == "csv_missing":
         expect = f"{bad}: ratings file not found"
     elif case == "key_missing":
@@ -414,6 +417,26 @@ def test_report_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, cas
     lines = _lines(result)
     assert len(lines) == 1 and lines[0].startswith(f"Error: {expect}"), result.output
     assert out.is_file() if case == "out_is_file" else not out.exists()
+
+
+def test_an_earlier_report_is_replaced_only_with_overwrite_and_a_folder_in_the_way_stops_it_before_writing(tmp_path):
+    key = write_key(tmp_path / "key.json")
+    good = write_csv(tmp_path / "ann.csv", RATER_1)
+    out = tmp_path / "report"
+    assert run("rating-study", "report", good, "--key", key, "--out", out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = run("rating-study", "report", good, write_csv(tmp_path / "bob.csv", RATER_2), "--key", key, "--out", out)
+    assert result.exit_code == 1 and _lines(result) == [f"Error: {out}: holds a report already; pass --overwrite to "
+                                                        "replace it or choose another --out"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    result = run("rating-study", "report", good, tmp_path / "bob.csv", "--key", key, "--out", out, "--overwrite")
+    assert result.exit_code == 0 and "2 rater(s)" in (out / "report.md").read_text()
+
+    other = tmp_path / "other"
+    (other / "boxplots.png").mkdir(parents=True)
+    result = run("rating-study", "report", good, "--key", key, "--out", other, "--overwrite")
+    assert result.exit_code == 1 and _lines(result)[0].startswith(f"Error: {other / 'boxplots.png'}: is a folder")
+    assert sorted(p.name for p in other.iterdir()) == ["boxplots.png"]
 
 
 def test_rating_study_help_lists_both_subcommands():

@@ -38,6 +38,7 @@ from .rating_study import CRITERIA, CSV_COLUMNS, KEY_FORMAT, SCALE
 
 CRITERION_KEYS = tuple(c for c, _, _ in CRITERIA)
 CRITERION_LABELS = {c: label for c, label, _ in CRITERIA}
+REPORT_FILES = ("report.md", "summary.csv", "pairwise.csv", "boxplots.png")
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,8 @@ def read_ratings(paths: Sequence[str | os.PathLike], key: StudyKey) -> list[Rati
             ratings.append(Rating(rater, trial, method, slice_index, values))
         if len(ratings) == n_before:
             raise InputError(path, "holds no ratings")
+        if all(v is None for r in ratings[n_before:] for v in r.values.values()):
+            raise InputError(path, "holds no scores: every criterion of every row is empty")
     return ratings
 
 
@@ -334,6 +337,9 @@ def markdown(key: StudyKey, csv_paths: Sequence[str | os.PathLike], ratings: Seq
 def _publish(out: Path, contents: dict[str, bytes]) -> dict[str, Path]:
     """Write every file to a hidden temporary in ``out`` first, then rename them all into place, so a
     failure while writing leaves the earlier outputs untouched and no partial file at a final path."""
+    for name in contents:
+        if (out / name).is_dir():
+            raise InputError(out / name, "is a folder where this report file goes; move it or choose another --out")
     temps: dict[str, str] = {}
     try:
         for name, data in contents.items():
@@ -351,17 +357,20 @@ def _publish(out: Path, contents: dict[str, bytes]) -> dict[str, Path]:
 
 
 def make_report(csv_paths: Sequence[str | os.PathLike], key_path: str | os.PathLike,
-                out_dir: str | os.PathLike) -> dict[str, Path]:
+                out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
     """Read, check and unblind the CSVs, then write ``report.md``, ``summary.csv``, ``pairwise.csv``
-    and ``boxplots.png`` to ``out_dir``. Every input is checked before anything is written."""
+    and ``boxplots.png`` to ``out_dir``. Every input is checked before anything is written; an earlier
+    report there is replaced only with ``overwrite``."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a directory; choose an output folder")
+    if not overwrite and any((out / name).exists() for name in REPORT_FILES):
+        raise InputError(out, "holds a report already; pass --overwrite to replace it or choose another --out")
     key = read_key(key_path)
     ratings = read_ratings(csv_paths, key)
     summary = summarize(ratings, key.methods)
     tests = compare(ratings, key.methods)
-    contents: dict[str, bytes] = {
+    contents: dict[str, bytes] = {  # REPORT_FILES
         "report.md": markdown(key, csv_paths, ratings, summary, tests).encode(),
         "summary.csv": _csv_text(["criterion", "method", "n", "median", "mean", "q1", "q3"],
                                  [[r[k] for k in ("criterion", "method", "n", "median", "mean", "q1", "q3")]

@@ -338,6 +338,18 @@ def test_bad_inputs_are_refused_with_one_line_and_nothing_written(phantom_case, 
     os.link(mean.path, bad_var / f"{case['stem']}_mean.nii.gz")
     write_volume(bad_var / f"{case['stem']}_var.nii.gz", np.ones((10, 10, 4), np.float32), mean.affine)
     one_line_error(run_cli(base + ["--pred", f"m={bad_var}"]), bad_var / f"{case['stem']}_var.nii.gz", "differs")
+    # A "variance" with negative values (a difference image, say) is not one.
+    neg_var = tmp_path / "negvar"
+    neg_var.mkdir()
+    os.link(mean.path, neg_var / f"{case['stem']}_mean.nii.gz")
+    write_volume(neg_var / f"{case['stem']}_var.nii.gz", np.full(mean.shape, -5.0, np.float32), mean.affine)
+    result = run_cli(base + ["--pred", f"m={neg_var}"])  # found while scoring: after the progress lines
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert last.startswith(f"Error: {neg_var / (case['stem'] + '_var.nii.gz')}: slice 0 holds negative values"), last
+    # Method names become file names: two that differ only in case would collide on some disks.
+    one_line_error(run_cli(base + ["--pred", f"CG={case['pred']}", "--pred", f"cg={case['meanonly']}"]),
+                   "differ only in case")
 
     # An HR set at another pixel size.
     coarse = tmp_path / "coarse_hr"

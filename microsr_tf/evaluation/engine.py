@@ -399,7 +399,11 @@ def _evaluate_candidate(cand: Candidate, lr: Any, factors: Sequence[float], hr: 
             per_slice.setdefault(key, []).append(value)
         std = None
         if v is not None:
-            std = np.sqrt(np.maximum(v.astype(np.float64), 0.0))
+            v = v.astype(np.float64)
+            if v.min(initial=0.0) < -1e-6 * max(1.0, float(np.abs(v).max(initial=0.0))):  # rounding aside
+                raise InputError(cand.var.path, f"slice {k} holds negative values (down to {v.min():.4g}); "
+                                                "a variance cannot be negative: is it the file predict wrote?")
+            std = np.sqrt(np.maximum(v, 0.0))
         if paired:
             t = t.astype(np.float64)
             t_u, x_u = truth_stats.normalize(t), truth_stats.normalize(x)

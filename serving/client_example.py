@@ -54,6 +54,10 @@ def main():
     meta = json.loads(call(args.server, args.model, "metadata", {"probe": [0]}, context)[0])
     scan = nib.load(args.scan)
     lr = scan.get_fdata(dtype=np.float32)  # scl_slope / scl_inter applied
+    if lr.ndim == 4 and lr.shape[3] == 1:  # a 3-D volume stored with a singleton 4th axis
+        lr = lr[..., 0]
+    if lr.ndim != 3:
+        raise SystemExit(f"{args.scan}: expected a 3-D volume, got shape {lr.shape}")
     spacing = [float(z) for z in scan.header.get_zooms()[:2]]
     results = {"mean": [], "variance": [], "std": []}
     for k in range(lr.shape[2]):

@@ -70,7 +70,9 @@ def lr_box(pred_path: str | os.PathLike, pred_shape: Sequence[int], pred_affine:
         lo = _integer(lo_float[d])
         if lo is None:
             raise InputError(pred_path, f"is shifted by a fraction of a voxel against {where} (its first voxel "
-                                        f"starts at LR index {lo_float[d]:.3f} along axis {d})")
+                                        f"starts at LR index {lo_float[d]:.3f} along axis {d}; its in-plane spacing "
+                                        f"{_fmt([pred_sp[a], pred_sp[b]])} is {_fmt(factors)} times finer than the "
+                                        "LR's: was it predicted from this scan, by a model for this factor?)")
         if d == ax:
             n = int(pred_shape[d])
         else:

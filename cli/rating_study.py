@@ -26,7 +26,8 @@ def command() -> None:
               help="New folder for study.html (send it to the raters) and key.json (keep it).")
 @click.option("--slices", "n_slices", type=click.IntRange(min=1), default=10, show_default=True,
               help="Slices per method, evenly spread over the predicted volume; trials = slices x methods.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random trial order.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the random trial order.")
 @user_errors
 def make(lr_path: str, methods: tuple[str, ...], out_dir: str, n_slices: int, seed: int) -> None:
     """Write a blinded rating page: LR slice left, one method's result right, trials in random order."""

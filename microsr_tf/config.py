@@ -170,7 +170,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.mc_samples_val < 2:
-            raise ConfigError(f"train.mc_samples_val must be >= 2 (a variance needs two samples), got {self.mc_samples_val}")
+            raise ConfigError(f"train.mc_samples_val must be >= 2 (a variance needs two samples), "
+                              f"got {self.mc_samples_val}")
         _check_seed("train.seed", self.seed)
 
 

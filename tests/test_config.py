@@ -85,7 +85,8 @@ def test_a_key_given_twice_is_refused_not_silently_overwritten(tmp_path, text, k
     path.write_text(text)
     with pytest.raises(InputError) as info:
         Config.load(path)
-    assert str(info.value).startswith(f"{path}: not valid YAML (key {key} appears twice") and "\n" not in str(info.value)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not valid YAML (key {key} appears twice") and "\n" not in message
 
 
 def test_unreadable_config_files_are_input_errors(tmp_path):

@@ -51,6 +51,7 @@ def test_demo_refuses_a_non_empty_directory_and_a_missing_model(tmp_path):
 
 def test_a_model_that_does_not_load_leaves_no_output_folder(tmp_path):
     (tmp_path / "broken.keras").write_text("not a zip archive")
-    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "out"), "--model", str(tmp_path / "broken.keras")])
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "out"),
+                                      "--model", str(tmp_path / "broken.keras")])
     assert result.exit_code == 1 and "broken.keras" in result.output and "not a Keras archive" in result.output
     assert not (tmp_path / "out").exists()

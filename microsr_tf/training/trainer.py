@@ -242,8 +242,9 @@ def _check_epochs(saved_epochs: int | None, cfg: Config, done: int, steps_per_ep
     fewer than the run has already done are refused."""
     tc = cfg.train
     if done > tc.epochs * steps_per_epoch:
-        raise ConfigError(f"{run_dir / CONFIG_FILE}: train.epochs {tc.epochs} is fewer than the {done / steps_per_epoch:g} "
-                          f"epochs this run has already trained; give at least {math.ceil(done / steps_per_epoch)}")
+        trained = done / steps_per_epoch
+        raise ConfigError(f"{run_dir / CONFIG_FILE}: train.epochs {tc.epochs} is fewer than the {trained:g} epochs "
+                          f"this run has already trained; give at least {math.ceil(trained)}")
     decay = tc.decay_start_epoch
     if saved_epochs is None or saved_epochs == tc.epochs or decay is None or done <= decay * steps_per_epoch:
         return

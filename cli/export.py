@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
+from microsr_tf.config import MAX_SERVED_SAMPLES as MAX_SAMPLES
+
 from ._common import FiniteFloat, user_errors
 
-MAX_SAMPLES = 1000  # microsr_tf.export.MAX_SAMPLES (not imported here: it loads TensorFlow)
 MAX_VERSION = 2**63 - 1  # TF-Serving reads version folders as int64
 
 

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from microsr_tf.config import INFERENCE_PRECISIONS
+from microsr_tf.config import INFERENCE_PRECISIONS, MAX_SERVED_SAMPLES
 from microsr_tf.errors import ConfigError, InputError
 
 from ._common import FiniteFloat, option_values, user_errors
@@ -224,11 +224,9 @@ def command(inputs, model_path, out_dir, samples_text, seed, stitch, tile, memor
                 raise ConfigError("--precision is for local prediction; the server runs its export in float32")
             if samples == "auto":
                 raise ConfigError("--samples auto is for local prediction; give the server a number of samples")
-            from microsr_tf.export import MAX_SAMPLES
-
-            if samples > MAX_SAMPLES:
-                raise ConfigError(f"samples must be an integer in [2, {MAX_SAMPLES}] with --server (the most an "
-                                  f"export answers), got {samples}")
+            if samples > MAX_SERVED_SAMPLES:
+                raise ConfigError(f"samples must be an integer in [2, {MAX_SERVED_SAMPLES}] with --server (the most "
+                                  f"an export answers), got {samples}")
         from microsr_tf.serving import ServingClient, remote_engine, served_meta
 
         token = _read_token(token_file)

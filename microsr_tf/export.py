@@ -44,7 +44,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from .config import MAX_SEED
+from .config import MAX_SEED, MAX_SERVED_SAMPLES
 from .errors import InputError
 from .files import atomic_directory
 from .inference.predict import FACTOR_TOLERANCE
@@ -56,7 +56,7 @@ from .preprocessing import IntensityStats
 from .volumes import make_output_dir
 
 META_FILE = "microsr_meta.json"
-MAX_SAMPLES = 1000  # Monte Carlo samples one request may ask for
+MAX_SAMPLES = MAX_SERVED_SAMPLES  # Monte Carlo samples one request may ask for
 DEFAULT_MAX_PIXELS = 4096 * 4096  # HR pixels (B * H * W) one request may hold
 MIN_SIZE = 8  # HR height and width: the generator's quarter-resolution layers reflect-pad by one pixel
 SIGNATURES = ("serving_default", "mc_seeded", "mc_scanner", "metadata")

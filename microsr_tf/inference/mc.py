@@ -447,19 +447,22 @@ class MonteCarloPredictor:
         """Host memory of one image's raw samples, kept for percentiles (and their stacked copy)."""
         return 2 * self.samples * height * width * 4 if self.percentiles else 0
 
+    def _image_bytes(self, height: int, width: int) -> int:
+        """Memory one ``height x width`` image needs: its prefix, one Monte Carlo pass, and all its samples
+        when percentiles are asked for."""
+        return (self._plan(height, width).prefix_bytes + self.bytes_per_sample(height, width)
+                + self._kept_bytes(height, width))
+
     def fits(self, height: int, width: int) -> bool:
         """Whether the prefix and one Monte Carlo pass of one ``height x width`` image fit the memory budget,
         with all its samples when percentiles are asked for."""
-        plan = self._plan(height, width)
-        need = plan.prefix_bytes + self.bytes_per_sample(height, width) + self._kept_bytes(height, width)
-        return need <= self._budget_bytes
+        return self._image_bytes(height, width) <= self._budget_bytes
 
     def require_fit(self, height: int, width: int) -> None:
         """ConfigError, saying how much memory is needed, unless a ``height x width`` image :meth:`fits`."""
         if not self.fits(height, width):
-            kept = self._kept_bytes(height, width)
-            need = (self._plan(height, width).prefix_bytes + self.bytes_per_sample(height, width) + kept) / 2**20
-            what = f"with its {self.samples} samples kept for percentiles " if kept else ""
+            what = f"with its {self.samples} samples kept for percentiles " if self.percentiles else ""
+            need = self._image_bytes(height, width) / 2**20
             raise ConfigError(
                 f"one {height}x{width} Monte Carlo pass {what}needs about {need:.0f} MB, over the memory budget of "
                 f"{self.memory_budget_mb:.0f} MB (memory_budget_mb / --memory-budget); raise the budget")
@@ -480,8 +483,7 @@ class MonteCarloPredictor:
             return self._deterministic(x, seed)
         plan = self._plan(h, w)
         self.require_fit(h, w)
-        group = max(1, min(n, int(self._budget_bytes // (plan.prefix_bytes + self.bytes_per_sample(h, w)
-                                                            + self._kept_bytes(h, w)))))
+        group = max(1, min(n, int(self._budget_bytes // self._image_bytes(h, w))))
         if self.auto is not None:
             group = 1  # every image stops on its own
         results = {"mean": [], "var": [], "mean_half": [], "var_half": [], "kept": [], "used": []}

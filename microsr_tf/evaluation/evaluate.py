@@ -76,11 +76,12 @@ def parse_predictions(specs: Sequence[str]) -> dict[str, str]:
         if not sep or not name or not folder:
             raise ConfigError(f"--pred {spec!r}: expected NAME=DIR (a method name, '=', the folder predict wrote to)")
         check_name(name)
+        if name in found:
+            raise ConfigError(f"--pred: the name {name!r} is given twice ({found[name]} and {folder})")
         same = next((other for other in found if other.lower() == name.lower()), None)
         if same is not None:  # names become file names: X and x would collide on case-insensitive disks
-            raise ConfigError(f"--pred: the name {name!r} is given twice ({found[same]} and {folder})" if same == name
-                              else f"--pred: the names {same!r} and {name!r} differ only in case; their files "
-                                   "would collide on case-insensitive disks")
+            raise ConfigError(f"--pred: the names {same!r} and {name!r} differ only in case; their files would "
+                              "collide on case-insensitive disks")
         found[name] = folder
     if not found:
         raise ConfigError("--pred: give at least one NAME=DIR")

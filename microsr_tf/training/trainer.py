@@ -196,9 +196,10 @@ def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> tuple[Config | N
         raise ConfigError(f"{saved_path}: data.shards_dir was {saved.data.shards_dir!r} in this run and is "
                           f"{cfg.data.shards_dir!r} now; shards and NIfTI folders stream the patches in different "
                           "orders, so keep the run's source or start a new run")
-    if latest_checkpoint(run_dir) is None:
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
         return saved, None
-    facts = read_run_facts(latest_checkpoint(run_dir))
+    facts = read_run_facts(latest)
     for name in ("train", "data"):
         asked, used = getattr(cfg, name).seed, facts[f"{name}_seed"]
         if asked is not None and asked != used:

@@ -101,6 +101,33 @@ def test_any_stripe_height_agrees_with_the_whole_slice_and_with_full_passes(posi
     assert reference.var.max() > 1e-4
 
 
+def test_stripes_sized_to_the_budget_share_the_rows_evenly_and_agree_with_full_passes():
+    """Windows all have one height; a budget that fits 20 owned rows of a 42-row trunk gave stripes of 20,
+    20 and 2 rows, the last one computing a whole window for 2 rows (69 rows for 42). Three stripes of 14
+    compute 51."""
+    gen = tiny_generator("none")
+    image = anatomy_with_background(168, 32)
+    h4, halo, samples = 42, sum(gen.decoder_reach), 6
+    sizing = MonteCarloPredictor(gen, samples=samples, seed=4)
+    plan = sizing._plan(*image.shape)
+    chunk = samples - samples // 2
+    budget = plan.prefix_bytes + chunk * (plan.trunk_bytes + plan.bytes_per_window_row * (20 + halo + 0.5))
+    predictor = MonteCarloPredictor(gen, samples=samples, seed=4, memory_budget_mb=budget / 2**20)
+    plan = predictor._plan(*image.shape)
+    windows, stripe = [], plan.stripe
+
+    def counted(window, *args):
+        windows.append(int(window.shape[1]))
+        return stripe(window, *args)
+
+    plan.stripe = counted
+    result = predict_slice(predictor, image)
+    assert windows == [14 + halo] * 3 * 2  # three even stripes, for each of the two chunks of 3 samples
+    reference = naive_predict(gen, image[None, ..., None], samples=samples, seed=4)
+    np.testing.assert_allclose(result.mean, reference.mean[0, ..., 0], atol=2e-5)
+    np.testing.assert_allclose(result.var, reference.var[0, ..., 0], atol=2e-6)
+
+
 def test_tiling_does_not_change_the_answer_where_per_tile_statistics_did():
     """The issue's bound: for 99% of pixels the means differ by at most twice the standard error."""
     image = anatomy_with_background()

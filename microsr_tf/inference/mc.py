@@ -527,7 +527,9 @@ class MonteCarloPredictor:
 
         A stripe reads ``sum(decoder_reach)`` rows more than it owns, so taller stripes waste less; but
         a chunk's stripe should stay near :data:`_STRIPE_BYTES` of live activations, which keeps the
-        decoder's working set in the caches (measured in ``benchmarks/bench_tiling.py``).
+        decoder's working set in the caches (measured in ``benchmarks/bench_tiling.py``). Every window has
+        the same height (one trace), so the stripes share the rows evenly: a last stripe owning a few
+        rows would still compute a whole window.
         """
         halo = sum(self._reach)
         chunk = self.chunk_size or min(self.samples - self.samples // 2, _MAX_STRIPE_CHUNK)
@@ -540,6 +542,7 @@ class MonteCarloPredictor:
             fitting = int((budget / (n * chunk) - plan.trunk_bytes) // plan.bytes_per_window_row) - halo
             cached = int(_STRIPE_BYTES // (n * chunk * plan.bytes_per_window_row)) - halo
             owned = max(1, min(fitting, max(cached, _MIN_OWNED_ROWS)))
+            owned = -(-h4 // -(-h4 // owned))  # as many stripes, sharing the rows evenly
         return chunk, min(owned, h4)
 
     def _striped_passes(self, plan: _Plan, features, group_seeds, budget: float, h: int, w: int):

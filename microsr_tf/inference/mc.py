@@ -542,7 +542,7 @@ class MonteCarloPredictor:
             fitting = int((budget / (n * chunk) - plan.trunk_bytes) // plan.bytes_per_window_row) - halo
             cached = int(_STRIPE_BYTES // (n * chunk * plan.bytes_per_window_row)) - halo
             owned = max(1, min(fitting, max(cached, _MIN_OWNED_ROWS)))
-            owned = -(-h4 // -(-h4 // owned))  # as many stripes, sharing the rows evenly
+            owned = math.ceil(h4 / math.ceil(h4 / owned))  # as many stripes, sharing the rows evenly
         return chunk, min(owned, h4)
 
     def _striped_passes(self, plan: _Plan, features, group_seeds, budget: float, h: int, w: int):

@@ -12,9 +12,11 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 def _umask() -> int:
@@ -69,16 +71,32 @@ def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         raise
 
 
+def replace_together(moves: Iterable[tuple[str | os.PathLike, str | os.PathLike]]) -> None:
+    """``os.replace`` each ``(temporary, target)`` with Ctrl-C and SIGTERM held back until the last is done,
+    so that an interruption leaves a set of outputs all new or all as they were (never a new mean beside
+    an older variance). A held signal takes effect right after, through its usual handler. Only a SIGKILL
+    or a power cut during these few renames can split the set. Signals are held only in the main thread
+    (the only one Python runs signal handlers in)."""
+    caught: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not None:  # None: a handler Python did not install, left alone
+                previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        for tmp, target in moves:
+            os.replace(tmp, target)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
 
 
 @contextlib.contextmanager

@@ -380,15 +380,17 @@ class VolumeWriter:
     Slices go into a hidden uncompressed temp file in the destination directory through a
     ``np.memmap`` (Fortran order, at ``vox_offset``). On :meth:`close` (leaving the ``with`` block),
     a ``.nii.gz`` target is stream-compressed into a second temp file; the finished file is then
-    ``os.replace``-d into place. An exception inside the ``with``, :meth:`abort`, or slices left
-    unwritten remove the temp files and leave nothing at ``path``. qform/sform codes and xyzt units
-    are copied from a template ``header`` when given; ``description`` (at most 80 ASCII characters)
-    goes into the header's ``descrip`` field.
+    ``os.replace``-d into place. :meth:`finish` does the first half alone, so that several outputs can be
+    finished and then renamed together (:func:`~microsr_tf.files.replace_together`). An exception inside
+    the ``with``, :meth:`abort`, or slices left unwritten remove the temp files and leave nothing at
+    ``path``. qform/sform codes and xyzt units are copied from a template ``header`` when given;
+    ``description`` (at most 80 ASCII characters) goes into the header's ``descrip`` field.
     """
 
     def __init__(self, path: str | os.PathLike, shape: Sequence[int], affine: np.ndarray, axis: int = -1,
                  header: Nifti1Header | None = None, dtype: np.dtype | type = np.float32, description: str = ""):
         self.path = Path(path)
+        self._ready: str | None = None  # the finished temporary, once :meth:`finish` has made it
         if not is_nifti_name(self.path):
             raise InputError(self.path, "output name must end in .nii or .nii.gz")
         if not self.path.parent.is_dir():
@@ -453,10 +455,13 @@ class VolumeWriter:
             self._data[tuple(index)] = arr
         self._written[int(k)] = True
 
-    def close(self) -> None:
-        """Finish: check every slice was written, compress if ``.nii.gz``, and rename into place."""
+    def finish(self) -> str:
+        """Check every slice was written and compress a ``.nii.gz``; return the finished temporary beside
+        the target, still to be renamed onto it (by :meth:`close` or together with other outputs)."""
         if not self._open:
-            return
+            if self._ready is None:
+                raise ValueError(f"{self.path}: writer was aborted")
+            return self._ready
         missing = int((~self._written).sum())
         if missing:
             self.abort()
@@ -467,7 +472,20 @@ class VolumeWriter:
             if self.path.name.lower().endswith(".gz"):
                 final = _gzip_to_temp(self._temps[0], self.path)
                 self._temps.append(final)
-            os.replace(final, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._ready = final
+        return final
+
+    def close(self) -> None:
+        """Finish and rename into place; nothing more if the finished file was already renamed."""
+        if not self._open and self._ready is None:
+            return  # aborted
+        final = self.finish()
+        try:
+            if os.path.exists(final):
+                os.replace(final, self.path)
         except BaseException:
             self.abort()
             raise
@@ -475,6 +493,7 @@ class VolumeWriter:
 
     def abort(self) -> None:
         """Discard everything written; nothing appears at the final path."""
+        self._ready = None
         self._release()
         self._cleanup()
 

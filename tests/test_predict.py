@@ -361,3 +361,51 @@ def test_qform_and_sform_that_differ_each_keep_their_own_space(tmp_path, model):
     lr[:, :2] = (lr[:, :2] + 0.5) / FACTOR - 0.5  # the LR continuous index of each HR voxel centre
     assert np.abs(world(out.get_qform(), hr) - world(scanner, lr)).max() < 1e-3
     assert np.abs(world(out.get_sform(), hr) - world(template, lr)).max() < 1e-4
+
+
+def test_a_rerun_that_fails_while_compressing_leaves_the_earlier_outputs_as_a_matching_set(tmp_path, model,
+                                                                                          monkeypatch):
+    """The outputs are compressed first and renamed together: a failure on the second output's compression
+    (a full disk, an interruption) used to come after the first output had replaced its predecessor."""
+    import microsr_tf.volumes as volumes
+
+    gen, meta = model
+    src = write_lr(tmp_path / "ear.nii.gz")
+    out = tmp_path / "out"
+    predict_volume(src, gen, meta, out, samples=2, seed=1, preview=True)
+    before = {name: (out / name).read_bytes() for name in final_files(out)}
+    assert sorted(before) == ["ear_mean.nii.gz", "ear_preview.png", "ear_var.nii.gz"]
+    real, calls = volumes._gzip_to_temp, []
+
+    def disk_full_on_the_second(src_path, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(src_path, target)
+
+    monkeypatch.setattr(volumes, "_gzip_to_temp", disk_full_on_the_second)
+    with pytest.raises(OSError, match="No space left"):
+        predict_volume(src, gen, meta, out, samples=2, seed=2, preview=True)
+    assert len(calls) == 2
+    assert sorted(os.listdir(out)) == sorted(before)  # no temporary left behind
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_a_signal_during_the_renames_waits_until_every_output_is_in_place(tmp_path):
+    from microsr_tf.files import replace_together
+
+    pairs = []
+    for name in ("mean", "var", "preview"):
+        (tmp_path / name).write_text("old")
+        (tmp_path / f".{name}.tmp").write_text("new")
+        pairs.append((tmp_path / f".{name}.tmp", tmp_path / name))
+
+    def moves():  # Ctrl-C arrives after the first rename
+        yield pairs[0]
+        os.kill(os.getpid(), signal.SIGINT)
+        yield from pairs[1:]
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_together(moves())
+    assert [(tmp_path / name).read_text() for name in ("mean", "var", "preview")] == ["new"] * 3
+    assert sorted(os.listdir(tmp_path)) == ["mean", "preview", "var"]

@@ -107,7 +107,7 @@ def test_stripes_sized_to_the_budget_share_the_rows_evenly_and_agree_with_full_p
     compute 51."""
     gen = tiny_generator("none")
     image = anatomy_with_background(168, 32)
-    h4, halo, samples = 42, sum(gen.decoder_reach), 6
+    halo, samples = sum(gen.decoder_reach), 6  # a trunk of 168 / 4 = 42 rows
     sizing = MonteCarloPredictor(gen, samples=samples, seed=4)
     plan = sizing._plan(*image.shape)
     chunk = samples - samples // 2

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import INFERENCE_PRECISIONS, MAX_SEED
 from ..errors import ConfigError, InputError
-from ..files import atomic_write_bytes
+from ..files import remove_quietly, replace_together, temp_file_beside
 from ..preprocessing import IntensityStats, check_coarser, resample_slice, volume_stats
 from ..volumes import (Volume, VolumeWriter, make_output_dir, nifti_stem, open_volume, resampled_affine,
                        resampled_shape)
@@ -329,8 +329,16 @@ def predict_volume(
                 panel = preview_image(lr_up, res.mean, res.var)
             if progress is not None:
                 progress(done, len(ks), time.perf_counter() - start)
-    if panel is not None:
-        _write_png_atomic(paths["preview"], panel)
+        # Compress every output first, then rename them all at once: an interruption during the slow
+        # part leaves the earlier outputs as they were rather than a new mean beside an old variance.
+        moves = [(writer.finish(), writer.path) for writer in writers.values()]
+        if panel is not None:
+            fd, tmp = temp_file_beside(paths["preview"], ".png")
+            stack.callback(remove_quietly, tmp)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(_png_bytes(paths["preview"], panel))
+            moves.append((tmp, paths["preview"]))
+        replace_together(moves)
     seconds = time.perf_counter() - start
     return PredictResult(
         input_path=plan.input_path, outputs=paths, shape=plan.out_shape, n_slices=len(ks),
@@ -443,12 +451,12 @@ def _to_uint8(unit: np.ndarray) -> np.ndarray:
     return np.round(np.asarray(unit, np.float32) * 255.0).astype(np.uint8)
 
 
-def _write_png_atomic(path: str, image: np.ndarray) -> None:
-    """Encode to PNG and publish it atomically, so a killed run leaves no partial image."""
+def _png_bytes(path: str, image: np.ndarray) -> bytes:
+    """``image`` encoded as the PNG file ``path`` will hold."""
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise InputError(path, "could not encode the preview image")
-    atomic_write_bytes(path, buf.tobytes())
+    return buf.tobytes()
 
 
 def _check_roi(path: str, shape: Sequence[int], roi: Roi | None) -> tuple[tuple[int, int], ...]:

@@ -22,7 +22,6 @@ import io
 import itertools
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 from scipy import stats
 
 from ..errors import InputError
-from ..files import default_mode
+from ..files import remove_quietly, replace_together, temp_file_beside
 from ..volumes import make_output_dir
 from .rating_study import CRITERIA, CSV_COLUMNS, KEY_FORMAT, SCALE
 
@@ -335,24 +334,21 @@ def markdown(key: StudyKey, csv_paths: Sequence[str | os.PathLike], ratings: Seq
 
 
 def _publish(out: Path, contents: dict[str, bytes]) -> dict[str, Path]:
-    """Write every file to a hidden temporary in ``out`` first, then rename them all into place, so a
-    failure while writing leaves the earlier outputs untouched and no partial file at a final path."""
+    """Write every file to a hidden temporary in ``out`` first, then rename them all into place together
+    (:func:`~microsr_tf.files.replace_together`), so a failure or Ctrl-C while writing leaves the earlier
+    outputs untouched and no partial file at a final path."""
     for name in contents:
         if (out / name).is_dir():
             raise InputError(out / name, "is a folder where this report file goes; move it or choose another --out")
-    temps: dict[str, str] = {}
+    temps: dict[str, Path] = {}
     try:
         for name, data in contents.items():
-            fd, temps[name] = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=out)
+            fd, temps[name] = temp_file_beside(out / name)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            default_mode(temps[name])
-        for name, tmp in temps.items():
-            os.replace(tmp, out / name)
+        replace_together((tmp, out / name) for name, tmp in temps.items())
     finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        remove_quietly(*temps.values())
     return {name: out / name for name in contents}
 
 

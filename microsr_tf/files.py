@@ -18,6 +18,8 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .errors import InputError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -91,6 +93,22 @@ def replace_together(moves: Iterable[tuple[str | os.PathLike, str | os.PathLike]
             signal.signal(sig, handler)
         if caught:
             signal.raise_signal(caught[0])
+
+
+def check_outside(out: str | os.PathLike, folders: Iterable[str | os.PathLike | None]) -> None:
+    """InputError naming ``out`` when it is one of the input ``folders`` or lies inside one.
+
+    An output written into a data folder would be read back as data by the next command on that folder
+    (a resumed run, a second ``prepare``), so it is refused before any work.
+    """
+    target = Path(os.path.realpath(out))
+    for folder in folders:
+        if folder is None:
+            continue
+        data = Path(os.path.realpath(folder))
+        if target == data or data in target.parents:
+            raise InputError(out, f"lies inside the data folder {os.fspath(folder)}; choose an output folder "
+                                  "outside the data folders")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from .config import DataConfig
 from .errors import InputError
-from .files import atomic_directory
+from .files import atomic_directory, check_outside
 from .patches import patches_at, select_origins
 from .preprocessing import (IntensityStats, check_coarser, combine_stats, foreground_mask, resample_slice,
                             roi_bbox, volume_stats, volume_threshold)
@@ -395,6 +395,7 @@ def prepare_shards(lr_dir: str | os.PathLike, hr_dir: str | os.PathLike, out_dir
     cfg = dataclasses.replace(cfg, shards_dir=None)
     cfg.validate()
     out = Path(out_dir)
+    check_outside(out, (lr_dir, hr_dir))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(out, "already exists and is not an empty folder; choose a new output folder")
     lr, hr = _index_folders(lr_dir, hr_dir, cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -299,6 +300,15 @@ def test_shards_refuse_other_patch_size_and_bad_folders(folders, tmp_path):
     with pytest.raises(InputError) as exc:
         make_training_data(None, None, config(shards_dir=str(out)))
     assert_one_line_naming(exc, "hr-00000")
+    hr_copy = tmp_path / "hr_copy"  # shards inside a data folder would be read as part of it next time
+    hr_copy.mkdir()
+    for f in sorted(Path(hr_dir).iterdir()):
+        os.symlink(f, hr_copy / f.name)
+    with pytest.raises(InputError) as exc:
+        prepare_shards(lr_dir, hr_copy, hr_copy / "shards", config())
+    assert_one_line_naming(exc, str(hr_copy / "shards"))
+    assert "inside the data folder" in str(exc.value) and sorted(hr_copy.iterdir()) == sorted(
+        hr_copy / f.name for f in Path(hr_dir).iterdir())
 
 
 def test_cli_prepare(folders, tmp_path):

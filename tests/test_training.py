@@ -96,7 +96,7 @@ def _invoke(*args: str):
 
 
 @pytest.mark.parametrize("case", ["empty", "no_nifti", "lr_finer", "patch_too_big", "unknown_key",
-                                  "indivisible_batch", "one_volume_too_small"])
+                                  "indivisible_batch", "one_volume_too_small", "out_inside_data"])
 def test_bad_input_is_one_line_and_leaves_no_run_dir(case, folders, tmp_path, request):
     lr, hr = folders
     run = tmp_path / "run"
@@ -124,6 +124,12 @@ def test_bad_input_is_one_line_and_leaves_no_run_dir(case, folders, tmp_path, re
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text("train:\n  epochs: 1\n  learnig_rate: 0.1\n")
         extra = ["--config", str(cfg)]
+    elif case == "out_inside_data":  # the run would become a subfolder of the LR data, unreadable next time
+        inside = tmp_path / "lr_copy"
+        inside.mkdir()
+        for f in sorted(lr.iterdir()):
+            os.symlink(f, inside / f.name)
+        lr, run = inside, inside / "run"
     elif case == "indivisible_batch":
         request.getfixturevalue("two_cpus")
         extra = ["--strategy", "mirrored"]
@@ -136,7 +142,8 @@ def test_bad_input_is_one_line_and_leaves_no_run_dir(case, folders, tmp_path, re
     expected = {"empty": str(lr), "no_nifti": str(lr), "patch_too_big": "patch",
                 "one_volume_too_small": f"{hr}/crop.nii.gz: its slices are 20 x 20 px at the HR spacing, smaller",
                 "lr_finer": f"{lr}: LR in-plane spacing 0.1 x 0.1 mm is not coarser than the HR target 0.4 x 0.4 mm",
-                "unknown_key": "learnig_rate", "indivisible_batch": "not divisible"}[case]
+                "unknown_key": "learnig_rate", "indivisible_batch": "not divisible",
+                "out_inside_data": f"{run}: lies inside the data folder {lr}"}[case]
     assert expected in lines[0]
     assert not run.exists()
 

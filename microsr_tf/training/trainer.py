@@ -42,6 +42,7 @@ import tensorflow as tf
 from microsr_tf.config import MAX_SEED, Config
 from microsr_tf.degradation import PairedData
 from microsr_tf.errors import ConfigError, InputError, MicrosrError
+from microsr_tf.files import check_outside
 from microsr_tf.models.artifact import save_generator
 from microsr_tf.models.cyclegan import float32_generator
 from microsr_tf.pipeline import TrainingData
@@ -305,6 +306,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
     saved_cfg, facts = _check_run_dir(cfg, run_dir, resume)
     if saved_cfg is not None:  # folders not given again: the run's own
         cfg = _with_data_folders(cfg, cfg.data.lr_dir or saved_cfg.data.lr_dir, cfg.data.hr_dir or saved_cfg.data.hr_dir)
+    check_outside(run_dir, (cfg.data.lr_dir, cfg.data.hr_dir, cfg.data.shards_dir))
     seeds = _resolve_seeds(cfg, facts)
     # the run's own config with the seeds it uses (cfg itself keeps null seeds as given)
     seeded = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=seeds["data"]),

@@ -11,7 +11,9 @@ Each HR patch (``p x p``, normalised to [0, 1]) is
    that prediction applies to real LR slices, and clipped to [0, 1] as normalised slices are.
 
 A patch's LR grid has a whole number of pixels, so the factor actually used is ``p / round(p / f)``
-(8 for 64 px patches at f = 8.33; 8.26 for 256 px). Pixel centres are aligned on both grids
+(8 for 64 px patches at f = 8.33; 8.26 for 256 px). A patch size whose factor would be more than
+5% off ``f`` is refused before training, naming sizes that fit: a network trained at 7.2x does not
+do 8x. Pixel centres are aligned on both grids
 (half-pixel convention), so the degraded patch lies exactly over its HR patch.
 """
 
@@ -31,6 +33,7 @@ from .pipeline import HRPatches, make_hr_patches
 from .preprocessing import IntensityStats, resample_slice
 
 _VAL_SEED = (20210413, 0)  # fixed noise of the validation pairs shown in TensorBoard
+FACTOR_TOLERANCE = 0.05  # largest relative gap between the factor a patch's LR grid gives and the data's
 
 
 @dataclass(frozen=True)
@@ -130,11 +133,27 @@ class PairedData:
         return ds.map(pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
+def check_patch_fits_factor(patch_size: int, factors: tuple[float, float]) -> None:
+    """Refuse a patch size whose whole-pixel LR grid gives a factor more than :data:`FACTOR_TOLERANCE`
+    off the data's, naming the two nearest sizes that fit (whole multiples of the factor)."""
+    for f in factors:
+        n = max(1, round(patch_size / f))
+        used = patch_size / n
+        if abs(used / f - 1) > FACTOR_TOLERANCE:
+            fits = {round(k * f) for k in (n - 1, n, n + 1) if k >= 1} - {patch_size}
+            hint = " or ".join(str(p) for p in sorted(sorted(fits, key=lambda p: abs(p - patch_size))[:2]))
+            raise ConfigError(
+                f"data.patch_size {patch_size} gives an LR grid of {n} px, i.e. a factor of {used:.2f} where "
+                f"the data's is {f:.2f} ({abs(used / f - 1):.0%} off); a network trained so would not "
+                f"super-resolve at the data's factor: use a patch size such as {hint}")
+
+
 def make_paired_data(lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLike | None, cfg: DataConfig,
                      n_val: int = 4) -> PairedData:
     """Supervised pairs from the HR folder (or shards), degraded to the LR folder's voxel size with
     ``cfg.degradation_noise``; the LR folder is read for its spacing only."""
     hr = make_hr_patches(lr_dir, hr_dir, cfg, n_val=n_val)
     degradation = Degradation(tuple(float(f) for f in hr.factors), float(cfg.degradation_noise))
+    check_patch_fits_factor(hr.patch_size, degradation.factors)
     val_lr = degradation(hr.val, tf.constant(_VAL_SEED, tf.int64)).numpy() if len(hr.val) else hr.val
     return PairedData(hr=hr, degradation=degradation, val_lr=val_lr, val_hr=hr.val, seed=cfg.seed)

@@ -285,3 +285,16 @@ def test_train_resume_predict_export_end_to_end(method, phantoms, tmp_path):
     via_export = nib.load(tmp_path / "via_export" / "sub-002_cbct_mean.nii.gz").get_fdata()
     np.testing.assert_allclose(via_export, mean.get_fdata(), rtol=1e-5, atol=1e-2)
     assert not np.asarray(nib.load(tmp_path / "via_export" / "sub-002_cbct_var.nii.gz").dataobj).any()
+
+
+def test_patch_size_that_bends_the_factor_is_refused_before_any_run_dir(phantoms, tmp_path):
+    # 36 px at 8x: round(4.5) = 4 LR px, so the pairs would be made at 9x while the scans are 8x.
+    run = tmp_path / "run"
+    code, text = _run("train", "--method", "unet", "--lr-dir", str(phantoms / "lr"), "--hr-dir", str(phantoms / "hr"),
+                      "--out", str(run), "--patch-size", "36", "--stride", "36", "--ngf", "4", "--batch-size", "2",
+                      "--strategy", "default", "--seed", "0")
+    assert code == 1 and text.strip().splitlines() == [
+        "Error: data.patch_size 36 gives an LR grid of 4 px, i.e. a factor of 9.00 where the data's is 8.00 "
+        "(12% off); a network trained so would not super-resolve at the data's factor: use a patch size such as "
+        "32 or 40"]
+    assert not run.exists()

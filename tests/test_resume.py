@@ -216,7 +216,7 @@ def test_changed_settings_are_refused_by_name_but_more_epochs_and_null_seeds_con
     lr, hr = training_folders
     run = tmp_path / "run"
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))  # null seeds: drawn at the start, kept in the checkpoint
+    config.write_text(yaml.safe_dump(TINY))  # null seeds: drawn at the start, kept in config.yaml and the checkpoint
     run.mkdir()
     Config.from_dict(TINY).save(run / "config.yaml")  # what a run killed before its first checkpoint leaves
     first = CliRunner().invoke(cli, ["train", "--config", str(config), "--lr-dir", str(lr), "--hr-dir", str(hr),
@@ -226,6 +226,13 @@ def test_changed_settings_are_refused_by_name_but_more_epochs_and_null_seeds_con
     drawn = re.search(r"^Seeds drawn for this run \(set them to repeat it\): train\.seed (\d+), data\.seed (\d+)$",
                       first.output, re.M)
     seeds = {"train": int(drawn.group(1)), "data": int(drawn.group(2))}
+    saved = yaml.safe_load((run / "config.yaml").read_text())  # the seeds it drew, not null: the run repeats
+    assert {name: saved[name]["seed"] for name in seeds} == seeds
+    again = CliRunner().invoke(cli, ["train", "--config", str(run / "config.yaml"), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0 and "Seeds drawn" not in again.output, again.output
+    for w, v in zip(load_generator(run)[0].get_weights(), load_generator(tmp_path / "again")[0].get_weights(),
+                    strict=True):
+        np.testing.assert_array_equal(w, v)
     for flags, name in [(["--batch-size", "4"], "train.batch_size was 2"), (["--ngf", "8"], "model.ngf was 4"),
                         (["--steps-per-epoch", "3"], "train.steps_per_epoch was 2"),
                         (["--lambda-rec", "5"], "train.lambda_rec was 10.0"),
@@ -242,7 +249,7 @@ def test_changed_settings_are_refused_by_name_but_more_epochs_and_null_seeds_con
     code, lines = _resume(run, "--epochs", "2")  # no folders given: the run remembers them
     assert code == 0, lines
     assert any(line.startswith("Trained 4 steps (2 epochs)") for line in lines), lines
-    assert lines[-1] == first.output.strip().splitlines()[-1]  # the same drawn seeds
+    assert not any("Seeds drawn" in line for line in lines)  # config.yaml holds them, as the checkpoint does
 
     saved = (run / "config.yaml").read_text()
     code, lines = _resume(run, "--epochs", "1")  # fewer than done: refused, and config.yaml not rewritten

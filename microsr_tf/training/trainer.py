@@ -308,7 +308,8 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
         cfg = _with_data_folders(cfg, cfg.data.lr_dir or saved_cfg.data.lr_dir, cfg.data.hr_dir or saved_cfg.data.hr_dir)
     check_outside(run_dir, (cfg.data.lr_dir, cfg.data.hr_dir, cfg.data.shards_dir))
     seeds = _resolve_seeds(cfg, facts)
-    # the run's own config with the seeds it uses (cfg itself keeps null seeds as given)
+    # the run's own config with the seeds it uses: config.yaml holds them, so that
+    # `train --config RUN/config.yaml` repeats the run (cfg itself keeps null seeds as given)
     seeded = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=seeds["data"]),
                                  train=dataclasses.replace(tc, seed=seeds["train"]))
     data = method_data(seeded, cfg.data.lr_dir, cfg.data.hr_dir, n_val=tc.n_val_patches)
@@ -329,7 +330,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
     try:
         make_output_dir(out_dir)
         if facts is None:
-            cfg.save(out_dir / CONFIG_FILE)
+            seeded.save(out_dir / CONFIG_FILE)
         with strategy.scope():
             setup = build_method(seeded, steps_per_epoch, data.factors)
             model = setup.model
@@ -345,7 +346,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
             tf.train.Checkpoint(epoch_means=epoch_state).restore(path).expect_partial()
             _check_epochs(saved_cfg.train.epochs, cfg, int(model.optimizer.iterations.numpy()), steps_per_epoch,
                           run_dir)
-            cfg.save(out_dir / CONFIG_FILE)  # once accepted, the run records the settings it continues with
+            seeded.save(out_dir / CONFIG_FILE)  # once accepted, the run records the settings it continues with
 
         meta = generator_meta(cfg, data)
         best_path = run_dir / BEST_GENERATOR_FILE

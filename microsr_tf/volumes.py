@@ -97,6 +97,7 @@ class Volume:
         self._spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
         self._proxy: ArrayProxy | None = None  # opened on first read, kept open until close()
         self._trailing = (0,) if len(img.shape) == 4 else ()  # index of a squeezed singleton 4th dim
+        self._gzip = path.name.lower().endswith(".gz")
 
     def __repr__(self) -> str:
         return f"Volume({os.fspath(self.path)!r}, shape={self.shape}, spacing={self.spacing}, dtype={self.dtype})"
@@ -166,13 +167,27 @@ class Volume:
         return int(k) % n
 
     def _read(self, slicer: tuple) -> np.ndarray:
-        """Read through the array proxy, turning I/O and decompression failures into InputError."""
+        """Read through the array proxy, turning I/O and decompression failures into InputError.
+
+        A read that reaches the last slice of a ``.nii.gz`` also reads the rest of the stream, so that
+        gzip checks its CRC-32: a corrupt file whose deflate data still decodes (to wrong voxels) is
+        refused once it has been read to the end, as a whole-volume read always is.
+        """
         if self._proxy is None:
             self._proxy = ArrayProxy(self.path, self._spec, keep_file_open=True)
         try:
-            return np.asarray(self._proxy[slicer + self._trailing])
+            arr = np.asarray(self._proxy[slicer + self._trailing])
         except (OSError, EOFError, ValueError, zlib.error) as exc:
             raise InputError(self.path, f"cannot read voxel data ({_first_line(exc)})") from None
+        if self._gzip and _reaches_end(slicer[2], self.shape[2]):
+            try:
+                with self._proxy._get_fileobj() as fh:  # the proxy's open stream, now past the voxels
+                    while fh.read(1 << 16):  # normally nothing is left but the trailer
+                        pass
+            except (OSError, EOFError, zlib.error) as exc:
+                raise InputError(self.path, "corrupt gzip stream: its end-of-file check (CRC-32, length) fails, so "
+                                            f"the voxels read cannot be trusted ({_first_line(exc)})") from None
+        return arr
 
     def _read_last(self, k: int) -> np.ndarray:
         return self._read((slice(None), slice(None), k)).astype(np.float32)
@@ -196,6 +211,13 @@ class Volume:
             n_inf = int(np.isinf(arr).sum())
             raise InputError(self.path, f"slice {k} along axis {ax} has {n_nan} NaN and {n_inf} Inf voxels")
         return arr
+
+
+def _reaches_end(index: int | slice, n: int) -> bool:
+    """Whether a last-axis index (an int or a step-1 slice) includes the last slice ``n - 1``."""
+    if isinstance(index, slice):
+        return index.indices(n)[1] >= n
+    return int(index) % n == n - 1
 
 
 def open_volume(path: str | os.PathLike) -> Volume:

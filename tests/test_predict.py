@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -202,7 +203,8 @@ def test_preview_std_percentiles_and_progress(tmp_path, model):
 
 @pytest.mark.parametrize("case", ["missing", "not_nifti", "other_scale", "not_coarser", "no_model",
                                   "one_sample", "roi_syntax", "roi_outside", "roi_empty", "bad_axis",
-                                  "second_input_bad", "out_dir_is_file", "bad_model_meta", "over_budget"])
+                                  "second_input_bad", "out_dir_is_file", "bad_model_meta", "over_budget",
+                                  "corrupt_gzip"])
 def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir, case):
     good = write_lr(tmp_path / "good.nii.gz")
     out = tmp_path / "out"
@@ -241,6 +243,12 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir
     elif case == "out_dir_is_file":
         out.write_text("")
         expect = [f"{out}: exists and is not a directory"]
+    elif case == "corrupt_gzip":  # stored deflate blocks with a flipped voxel byte: decodes, fails its CRC-32
+        raw = gzip.decompress(good.read_bytes())
+        packed = bytearray(gzip.compress(raw, compresslevel=0))
+        packed[packed.index(raw[-64:]) + 32] ^= 0xFF
+        good.write_bytes(bytes(packed))
+        expect = ["good.nii.gz", "corrupt gzip stream", "CRC"]
     elif case == "over_budget":  # refused before any output is written
         args += ["--memory-budget", "0.01"]
         expect = ["needs about", "memory budget"]

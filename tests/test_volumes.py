@@ -150,6 +150,32 @@ def test_multi_member_gzip_is_complete(tmp_path, rng):
     np.testing.assert_array_equal(vol.read_slice(6), data[:, :, 6])
 
 
+def _stored_gz_with_a_flipped_voxel_byte(tmp_path, data):
+    """A .nii.gz in stored (level 0) deflate blocks with one voxel byte flipped: the stream decodes,
+    to a wrong voxel, and only the gzip CRC-32 tells."""
+    save(tmp_path / "one.nii", data)
+    raw = bytearray((tmp_path / "one.nii").read_bytes())
+    packed = bytearray(gzip.compress(bytes(raw), compresslevel=0))
+    where = packed.index(raw[-200:])  # the stored copy of the last voxels
+    packed[where + 100] ^= 0xFF
+    (tmp_path / "bad_crc.nii.gz").write_bytes(bytes(packed))
+    return tmp_path / "bad_crc.nii.gz"
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_gzip_crc_is_checked_once_reading_reaches_the_end(tmp_path, rng, axis):
+    data = rng.normal(size=(16, 16, 8)).astype(np.float32)
+    path = _stored_gz_with_a_flipped_voxel_byte(tmp_path, data)
+    vol = open_volume(path)  # the trailer's size is right: open is lazy
+    np.testing.assert_array_equal(vol.read_slice(0), data[:, :, 0])  # an early slice is intact and served
+    with pytest.raises(InputError) as exc:
+        list(vol.iter_slices(axis))
+    assert_one_line_naming(exc, path)
+    assert "CRC" in exc.value.problem
+    save(tmp_path / "good.nii.gz", data)  # the same reads of an intact file pass
+    assert sum(1 for _ in open_volume(tmp_path / "good.nii.gz").iter_slices(axis)) == data.shape[axis]
+
+
 def test_trailing_singleton_fourth_dim_is_squeezed(tmp_path, rng):
     data = rng.normal(size=(6, 5, 4, 1)).astype(np.float32)
     save(tmp_path / "t.nii.gz", data)

@@ -265,8 +265,25 @@ def open_volume(path: str | os.PathLike) -> Volume:
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
     if not (np.isfinite(raw).all() and (raw != 0).all() and (zooms > 0).all()):
         raise InputError(path, f"voxel spacing (pixdim) {tuple(raw.tolist())} must be non-zero and finite")
+    _check_sform_spacing(path, img.header, zooms)
     _check_complete(path, img, dtype)
     return Volume(path, img, shape[:3])
+
+
+def _check_sform_spacing(path: Path, header: Nifti1Header, zooms: np.ndarray) -> None:
+    """Refuse an sform whose axes are not pixdim long: the geometry (the sform, which nibabel and
+    viewers use) and the voxel size (pixdim) would then disagree, and the upsampling factor with them.
+    ITK refuses such files too; a qform is built from pixdim, so it always agrees."""
+    sform, code = header.get_sform(coded=True)
+    if not code:
+        return
+    lengths = np.linalg.norm(sform[:3, :3], axis=0)
+    if not np.allclose(lengths, zooms, rtol=1e-4, atol=0):
+        unit = header.get_xyzt_units()[0]
+        unit = "" if unit == "unknown" else f" {unit}"
+        show = lambda v: " x ".join(f"{x:.6g}" for x in v)  # noqa: E731
+        raise InputError(path, f"voxel size is ambiguous: pixdim says {show(zooms)}{unit} but the sform's axes are "
+                               f"{show(lengths)}{unit} long; make pixdim and the sform agree before use")
 
 
 @contextlib.contextmanager

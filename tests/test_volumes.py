@@ -77,6 +77,7 @@ def test_sform_only_affine_and_codes_survive_writing(tmp_path, rng):
     img.header.set_sform(aff, code=1)
     img.header.set_qform(None, code=0)
     img.header.set_xyzt_units("mm", "sec")
+    img.header.set_zooms(np.linalg.norm(aff[:3, :3], axis=0))  # set_sform leaves pixdim at 1
     nib.save(img, tmp_path / "sform.nii.gz")
     vol = open_volume(tmp_path / "sform.nii.gz")
     assert int(vol.header["qform_code"]) == 0 and int(vol.header["sform_code"]) == 1
@@ -89,6 +90,21 @@ def test_sform_only_affine_and_codes_survive_writing(tmp_path, rng):
     assert int(out.header["qform_code"]) == 0 and int(out.header["sform_code"]) == 1
     assert out.header.get_xyzt_units() == ("mm", "sec")
     np.testing.assert_allclose(out.affine, out_aff, atol=1e-6)
+
+
+def test_an_sform_whose_axes_are_not_pixdim_long_is_refused(tmp_path, rng):
+    img = nib.Nifti1Image(rng.normal(size=(8, 6, 4)).astype(np.float32), None)
+    img.header.set_sform(np.diag([0.3, 0.3, 0.6, 1.0]), code=2)  # set_sform leaves pixdim at 1 x 1 x 1
+    img.header.set_xyzt_units("mm")
+    nib.save(img, tmp_path / "ambiguous.nii.gz")
+    with pytest.raises(InputError) as exc:
+        open_volume(tmp_path / "ambiguous.nii.gz")
+    assert_one_line_naming(exc, tmp_path / "ambiguous.nii.gz")
+    assert exc.value.problem == ("voxel size is ambiguous: pixdim says 1 x 1 x 1 mm but the sform's axes are "
+                                 "0.3 x 0.3 x 0.6 mm long; make pixdim and the sform agree before use")
+    img.header.set_zooms((0.3, 0.3, 0.6))  # agreeing, as nibabel writes an affine given to the image
+    nib.save(img, tmp_path / "agreeing.nii.gz")
+    assert open_volume(tmp_path / "agreeing.nii.gz").spacing == pytest.approx((0.3, 0.3, 0.6))
 
 
 def test_oblique_qform_volume(tmp_path, rng):

@@ -59,15 +59,21 @@ def remove_quietly(*paths: str | os.PathLike) -> None:
 def atomic_file(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it replaces ``path``.
 
-    On any error (or a ``KeyboardInterrupt``) the temporary is removed and ``path`` is left as it was.
-    Nest two of these to publish a pair of files together (e.g. a model and its metadata): both are
-    written before either is renamed.
+    On any error (or a ``KeyboardInterrupt``) the temporary is removed and ``path`` is left as it was;
+    a failed write of the temporary (a full disk) becomes an InputError naming ``path``. Nest two of
+    these to publish a pair of files together (e.g. a model and its metadata): both are written before
+    either is renamed.
     """
     fd, tmp = temp_file_beside(path, suffix)
     os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        remove_quietly(tmp)
+        if exc.filename is not None and os.fspath(exc.filename) != os.fspath(tmp):
+            raise  # about another file: its own message names it
+        raise InputError(path, f"cannot write ({exc.strerror or type(exc).__name__}); it was left as it was") from None
     except BaseException:
         remove_quietly(tmp)
         raise

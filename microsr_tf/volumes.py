@@ -448,7 +448,11 @@ class VolumeWriter:
         try:
             with os.fdopen(fd, "wb") as fh:
                 hdr.write_to(fh)
-                fh.truncate(int(hdr.get_data_offset()) + int(np.prod(self.shape)) * hdr.get_data_dtype().itemsize)
+                fh.flush()
+                size = int(hdr.get_data_offset()) + int(np.prod(self.shape)) * hdr.get_data_dtype().itemsize
+                # Reserve the blocks now: a full disk is one clear error before any work, not a failed
+                # write (or a SIGBUS through the memmap) halfway through the volume.
+                os.posix_fallocate(fh.fileno(), 0, size)
             self._dtype = hdr.get_data_dtype()
             self._offset = int(hdr.get_data_offset())
             if self.axis == 2:
@@ -460,6 +464,9 @@ class VolumeWriter:
                 self._fh = None
                 self._data = np.memmap(tmp, dtype=self._dtype, mode="r+", offset=self._offset,
                                        shape=self.shape, order="F")
+        except OSError as exc:
+            self.abort()
+            raise self._write_error(exc) from None
         except BaseException:
             self.abort()
             raise
@@ -485,13 +492,17 @@ class VolumeWriter:
             raise ValueError(f"{self.path}: slice {k} has shape {arr.shape}, expected {self._slice_shape}")
         if not 0 <= int(k) < self.shape[self.axis]:
             raise IndexError(f"{self.path}: slice {k} out of range [0, {self.shape[self.axis]})")
-        if self._fh is not None:
-            raw = np.asarray(arr, dtype=self._dtype).tobytes(order="F")
-            os.pwrite(self._fh.fileno(), raw, self._offset + int(k) * len(raw))
-        else:
-            index = [slice(None)] * 3
-            index[self.axis] = int(k)
-            self._data[tuple(index)] = arr
+        try:
+            if self._fh is not None:
+                raw = np.asarray(arr, dtype=self._dtype).tobytes(order="F")
+                os.pwrite(self._fh.fileno(), raw, self._offset + int(k) * len(raw))
+            else:
+                index = [slice(None)] * 3
+                index[self.axis] = int(k)
+                self._data[tuple(index)] = arr
+        except OSError as exc:
+            self.abort()
+            raise self._write_error(exc) from None
         self._written[int(k)] = True
 
     def finish(self) -> str:
@@ -511,11 +522,19 @@ class VolumeWriter:
             if self.path.name.lower().endswith(".gz"):
                 final = _gzip_to_temp(self._temps[0], self.path)
                 self._temps.append(final)
+        except OSError as exc:
+            self.abort()
+            raise self._write_error(exc) from None
         except BaseException:
             self.abort()
             raise
         self._ready = final
         return final
+
+    def _write_error(self, exc: OSError) -> InputError:
+        """A failed write (full disk, file-size limit, I/O error) named by the output it was for."""
+        return InputError(self.path, f"cannot write the output ({exc.strerror or _first_line(exc)}); "
+                                     "nothing was left in its place")
 
     def close(self) -> None:
         """Finish and rename into place; nothing more if the finished file was already renamed."""

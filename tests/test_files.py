@@ -1,9 +1,12 @@
-"""Outputs written through temporary files get ordinary permissions, not mkstemp's owner-only ones."""
+"""Outputs written through temporary files get ordinary permissions, not mkstemp's owner-only ones, and a
+write the disk refuses names its output and leaves the earlier file as it was."""
 
 from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import tensorflow as tf
@@ -43,3 +46,20 @@ def test_text_config_model_and_export_get_umask_permissions(tmp_path, umask_022)
     assert mode(version) == 0o755
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "config.yaml", "export", "g.keras",
                                                            "g.meta.json"]  # no temporary left behind
+
+
+def test_a_write_the_disk_refuses_names_the_output_and_keeps_the_earlier_file(tmp_path):
+    """A file-size limit fails writes past 1 kB as a full disk does (EFBIG; Python ignores SIGXFSZ)."""
+    target = tmp_path / "report.md"
+    target.write_text("earlier")
+    script = ("import resource, sys\n"
+              "from microsr_tf.errors import InputError\n"
+              "from microsr_tf.files import atomic_write_text\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+              "try:\n"
+              "    atomic_write_text(sys.argv[1], 'x' * 5000)\n"
+              "except InputError as exc:\n"
+              "    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == f"{target}: cannot write (File too large); it was left as it was", proc.stderr
+    assert target.read_text() == "earlier" and os.listdir(tmp_path) == ["report.md"]

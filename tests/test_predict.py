@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -303,6 +304,29 @@ def test_sigkill_mid_run_leaves_no_output_and_a_rerun_succeeds(tmp_path, model_d
     assert "interrupted run" in result.stderr
     assert final_files(out) == ["long_mean.nii.gz", "long_var.nii.gz"]
     assert nib.load(out / "long_mean.nii.gz").shape == (96, 96, 3)
+
+
+@pytest.mark.parametrize("axis", ["2", "0"])
+def test_a_disk_that_refuses_the_outputs_is_one_line_naming_the_output_before_any_work(tmp_path, model_dir, axis):
+    """A file-size limit makes every write past 100 kB fail as a full disk does (EFBIG instead of ENOSPC;
+    Python ignores SIGXFSZ): the outputs' blocks are reserved when they are created, so the run stops
+    there, naming the output, and leaves no temporary behind. Axis 0 writes through a memmap, which
+    would otherwise die of SIGBUS on a full disk."""
+    src = write_lr(tmp_path / "ear.nii.gz", shape=(24, 24, 24), zooms=(0.4, 0.4, 0.4))  # 1.8 MB per output
+    out = tmp_path / "out"
+    out.mkdir()
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # noqa: E731
+    entry = "from microsr_tf.cli.main import main; main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", entry, "predict", str(src), "--model", str(model_dir), "--out-dir", str(out),
+         "-T", "2", "--axis", axis, "--resample-input"],
+        capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert lines == [f"Error: {out / 'ear_mean.nii.gz'}: cannot write the output (File too large); "
+                     "nothing was left in its place"], proc.stderr
+    assert "slices/s" not in proc.stdout + proc.stderr  # stopped before the first slice
+    assert os.listdir(out) == []
 
 
 def test_sigterm_mid_run_removes_the_temporaries_as_ctrl_c_does(tmp_path, model_dir):

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import math
 import os
+import re
 import sys
 import tempfile
 from typing import Callable, Iterator, TypeVar
@@ -23,13 +24,17 @@ from microsr_tf.errors import ConfigError, MicrosrError
 F = TypeVar("F", bound=Callable)
 
 
+_DISK_FULL = re.compile(r"(\S+?)[;:]? (No space left on device|Disk quota exceeded|File too large)")
+
+
 def user_errors(func: F | None = None, *, tensorflow: bool = True):
     """Report :class:`MicrosrError` as ``Error: <one line>`` and exit 1, without a traceback.
 
     File-system failures (``OSError``: permission denied, read-only or full disk, a file where a
     folder is expected) are the user's environment, not a bug, so they are reported the same way,
-    naming the path; so is TensorFlow running out of memory (``ResourceExhaustedError``). With ``tensorflow`` (the default; ``@user_errors(tensorflow=False)`` for commands
-    that do not use it) TensorFlow is started here, when the command runs -- not for ``--help`` or a
+    naming the path; so are TensorFlow running out of memory (``ResourceExhaustedError``) and TensorFlow
+    failing to write a checkpoint to a full disk. With ``tensorflow`` (the default;
+    ``@user_errors(tensorflow=False)`` for commands that do not use it) TensorFlow is started here, when the command runs -- not for ``--help`` or a
     usage error -- with its native start-up lines hidden.
     """
     if func is None:
@@ -49,7 +54,13 @@ def user_errors(func: F | None = None, *, tensorflow: bool = True):
         except OSError as exc:
             raise click.ClickException(os_error_line(exc)) from None
         except Exception as exc:
-            if type(exc).__name__ != "ResourceExhaustedError":  # TensorFlow's, matched by name: no import here
+            # TensorFlow's errors, matched by module and name: no import here. A full disk (or a file-size
+            # limit) while writing a checkpoint comes as ResourceExhaustedError (or OutOfRangeError).
+            disk = _DISK_FULL.search(str(exc)) if type(exc).__module__.startswith("tensorflow") else None
+            if disk:
+                where = disk.group(1).split("_temp/")[0]  # a checkpoint is written in CKPT_temp/ first
+                raise click.ClickException(f"{where}: cannot write ({disk.group(2)})") from None
+            if type(exc).__name__ != "ResourceExhaustedError":
                 raise
             raise click.ClickException(
                 "out of memory during the computation; give a smaller --memory-budget (in MB) or free memory "

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -146,6 +149,22 @@ def test_bad_input_is_one_line_and_leaves_no_run_dir(case, folders, tmp_path, re
                 "out_inside_data": f"{run}: lies inside the data folder {lr}"}[case]
     assert expected in lines[0]
     assert not run.exists()
+
+
+def test_a_disk_that_refuses_the_checkpoint_is_one_line_naming_it_and_leaves_no_run_dir(folders, tmp_path):
+    """A file-size limit fails writes past 50 kB as a full disk does (Python ignores SIGXFSZ); TensorFlow
+    reports it as an op error, which must not read as running out of memory."""
+    lr, hr = folders
+    run = tmp_path / "run"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # noqa: E731
+    entry = "from microsr_tf.cli.main import main; main()"
+    proc = subprocess.run([sys.executable, "-c", entry, "train", "--lr-dir", str(lr), "--hr-dir", str(hr), "--out",
+                           str(run), *TINY_FLAGS, "--epochs", "1", "--steps-per-epoch", "2", "--image-every", "1000"],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "Error" in line or "Traceback" in line] == [
+        f"Error: {run / 'checkpoints' / 'ckpt-2'}: cannot write (File too large)"], proc.stderr
+    assert not run.exists()  # a new run that failed leaves nothing
 
 
 def test_run_dir_rules(folders, tmp_path):

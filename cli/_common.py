@@ -124,6 +124,10 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
 
+    def _describe_range(self) -> str:
+        """No range in the help of an unbounded one (click would print ``[x<=None]``)."""
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
 
 def plural(n: int, noun: str) -> str:
     """``1 epoch``, ``2 epochs``."""

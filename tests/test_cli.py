@@ -30,6 +30,7 @@ def test_help_of_every_command_does_not_import_tensorflow():
     for name in ("phantom", "prepare", "train", "predict", "export", "demo"):
         assert name in out
     assert out.strip().splitlines()[-1] == "[]"  # neither was imported
+    assert "None" not in out  # no "[x<=None]" of an unbounded range, no "[default: None]"
 
 
 def test_train_help_shows_the_config_defaults():

@@ -187,10 +187,10 @@ def command(inputs, model_path, out_dir, samples_text, seed, stitch, tile, memor
             max_message_mb) -> None:
     """Super-resolve INPUT volumes into posterior mean and variance NIfTI volumes (paper eq. 4).
 
-    An INPUT is a NIfTI volume (.nii, .nii.gz) or a folder holding one DICOM series. Each input is
-    read slice by slice, upsampled to the model's HR spacing, normalised, predicted T times with
-    Monte Carlo dropout and written as NAME_mean.nii.gz (HR intensity units) and NAME_var.nii.gz
-    (their square) with the matching affine. A deterministic model (the U-Net and SRGAN baselines,
+    An INPUT is a NIfTI volume (.nii, .nii.gz), a folder holding one DICOM series, or a multi-frame
+    DICOM file. Each input is read slice by slice, upsampled to the model's HR spacing, normalised,
+    predicted T times with Monte Carlo dropout and written as NAME_mean.nii.gz (HR intensity units)
+    and NAME_var.nii.gz (their square) with the matching affine. A deterministic model (the U-Net and SRGAN baselines,
     or a CycleGAN without dropout) has one possible output: its variance is exactly 0, its variance
     file's header description says so, and T is not used.
     """

@@ -93,11 +93,12 @@ def overrides_from_flags(flags: dict) -> dict:
 
 @click.command("train")
 @click.option("--lr-dir", metavar="DIR",
-              help="Folder of clinical (low-resolution) volumes: NIfTI files and/or one subfolder per DICOM series "
-                   "(unet/srgan: read for their voxel size only). With --resume: the run's own, unless given.")
+              help="Folder of clinical (low-resolution) volumes: NIfTI files, multi-frame DICOM files and/or one "
+                   "subfolder per DICOM series (unet/srgan: read for their voxel size only). With --resume: the "
+                   "run's own, unless given.")
 @click.option("--hr-dir", metavar="DIR",
-              help="Folder of micro-CT (high-resolution) volumes: NIfTI files and/or one subfolder per DICOM series. "
-                   "With --resume: the run's own, unless given.")
+              help="Folder of micro-CT (high-resolution) volumes: NIfTI files, multi-frame DICOM files and/or one "
+                   "subfolder per DICOM series. With --resume: the run's own, unless given.")
 @click.option("--out", "run_dir", required=True, metavar="RUN_DIR",
               help="Run directory: config.yaml, logs/, checkpoints/, generator.keras. Must be new or empty.")
 @click.option("--config", "config_path", metavar="FILE.yaml",

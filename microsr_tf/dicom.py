@@ -11,8 +11,13 @@ frame, where ``step`` is the (checked constant) offset between consecutive slice
 world frame is RAS, so x and y change sign. Voxel values are the stored pixels through the modality
 LUT (``RescaleSlope``/``RescaleIntercept``), file by file.
 
-Only the headers are read when the series is opened; pixels are decoded one file at a time as slices
-are read, so memory does not grow with the number of slices.
+A series is one file per slice, or one multi-frame file (Enhanced CT and other multi-frame images,
+as many cone-beam scanners export): each frame is then a slice, placed and rescaled by its
+functional groups (a legacy multi-frame file without them: by its top-level geometry and
+SpacingBetweenSlices).
+
+Only the headers are read when the series is opened; pixels are decoded one file (or frame) at a
+time as slices are read, so memory does not grow with the number of slices.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 
 from .errors import InputError
 from .volumes import Volume
@@ -44,8 +49,17 @@ _PLUGIN_ORDER = ("pylibjpeg", "pyjpegls", "gdcm")  # suggest pure wheels first
 
 @dataclass(frozen=True)
 class _SliceFile:
+    """One slice: a file, or one frame of a multi-frame file (with that frame's rescale)."""
+
     path: Path
     position: np.ndarray  # ImagePositionPatient, LPS mm
+    frame: int | None = None  # 0-based frame index in a multi-frame file
+    slope: float = 1.0  # the frame's RescaleSlope / RescaleIntercept (a single-frame file applies its own LUT)
+    intercept: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame + 1}"
 
 
 class DicomSeries(Volume):
@@ -94,11 +108,16 @@ class DicomSeries(Volume):
         return out
 
     def _pixels(self, k: int) -> np.ndarray:
-        """Slice ``k`` along the last axis: the file's pixels through its modality LUT, as (columns, rows)."""
-        path = self.files[k].path
+        """Slice ``k`` along the last axis: the file's pixels through its modality LUT (a frame's: through
+        its rescale, that frame alone decoded), as (columns, rows)."""
+        f = self.files[k]
+        path = f.path
         try:
-            ds = pydicom.dcmread(path)
-            values = apply_modality_lut(ds.pixel_array, ds)
+            if f.frame is None:
+                ds = pydicom.dcmread(path)
+                values = apply_modality_lut(ds.pixel_array, ds)
+            else:
+                values = pixel_array(path, index=f.frame).astype(np.float64) * f.slope + f.intercept
         except Exception as exc:  # pydicom and its decoders signal damaged pixel data with many types
             raise InputError(path, f"cannot read the pixel data ({_first_line(exc)})") from None
         expected = (self.shape[1], self.shape[0])
@@ -107,17 +126,31 @@ class DicomSeries(Volume):
         return np.asarray(values, dtype=np.float32).T
 
 
+def frame_count(path: str | os.PathLike) -> int:
+    """NumberOfFrames of a DICOM file (1 when absent or unreadable), read from its header alone."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["NumberOfFrames"])
+    except Exception:  # not DICOM after all, or damaged: treated as a single slice, refused by its reader
+        return 1
+    try:
+        return _n_frames(ds)
+    except (TypeError, ValueError):
+        return 1
+
+
 def open_series(folder: str | os.PathLike) -> DicomSeries:
     """Open the DICOM series in ``folder`` (its headers only) and check it forms one evenly spaced volume.
+    ``folder`` may also be one DICOM file: a multi-frame file is then the whole series.
 
     Hidden files are ignored. InputError, naming the folder or the offending file, for: an empty
-    folder, a subfolder, a file that is not DICOM or holds no image, several series, multi-frame or
-    colour images, files that disagree in size, pixel spacing or orientation, missing geometry,
+    folder, a subfolder, a file that is not DICOM or holds no image, several series, a multi-frame file
+    beside other files, colour images, files (or frames) that disagree in size, pixel spacing or
+    orientation, missing geometry,
     duplicate, missing or unevenly spaced slices, and compressed pixel data that no installed
     decoder reads (the message names the package to install).
     """
     folder = Path(folder)
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    entries = [folder] if folder.is_file() else sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     subfolders = [p for p in entries if p.is_dir()]
     if subfolders:
         raise InputError(folder, f"holds the subfolder {subfolders[0].name!r}; a series folder must hold only "
@@ -134,9 +167,26 @@ def open_series(folder: str | os.PathLike) -> DicomSeries:
                           for uid, members in series.items())
         raise InputError(folder, f"holds {len(series)} DICOM series ({parts}); put each series in its own folder")
     (members,) = series.values()
+    multi = [path for path, ds in members if _n_frames(ds) > 1]
+    if multi and len(members) > 1:
+        raise InputError(multi[0], f"is a multi-frame image ({_n_frames(dict(members)[multi[0]])} frames) beside "
+                                   f"{len(members) - 1} other file(s) of its series; a series folder holds either "
+                                   "one multi-frame file or one file per slice")
 
     first_path, first = members[0]
     rows, columns = int(first.Rows), int(first.Columns)
+    if multi:
+        files, pixel_spacing, orientation = _frames(first_path, first)
+        _check_decoder(first_path, str(first.file_meta.get("TransferSyntaxUID", "")))
+    else:
+        files, pixel_spacing, orientation = _single_frame_files(members, rows, columns)
+    return _series_volume(folder, files, first, rows, columns, pixel_spacing, orientation)
+
+
+def _single_frame_files(members: list[tuple[Path, pydicom.Dataset]], rows: int, columns: int
+                        ) -> tuple[list[_SliceFile], np.ndarray, np.ndarray]:
+    """One slice per file, checked to share size, PixelSpacing and ImageOrientationPatient."""
+    first_path, first = members[0]
     pixel_spacing = _floats(first, "PixelSpacing", 2, first_path)
     orientation = _floats(first, "ImageOrientationPatient", 6, first_path)
     syntaxes = {}
@@ -157,7 +207,83 @@ def open_series(folder: str | os.PathLike) -> DicomSeries:
         files.append(_SliceFile(path, _floats(ds, "ImagePositionPatient", 3, path)))
     for syntax, path in syntaxes.items():
         _check_decoder(path, syntax)
+    return files, pixel_spacing, orientation
 
+
+def _n_frames(ds: pydicom.Dataset) -> int:
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
+def _frame_item(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset | None:
+    """The item of a functional-group ``sequence`` for ``frame``: the per-frame one, else the shared one."""
+    groups = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and frame < len(per_frame):
+        groups.append(per_frame[frame])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    for group in groups:
+        items = group.get(sequence)
+        if items:
+            return items[0]
+    return None
+
+
+def _frames(path: Path, ds: pydicom.Dataset) -> tuple[list[_SliceFile], np.ndarray, np.ndarray]:
+    """The frames of a multi-frame file as slices. An enhanced file (Enhanced CT, PS3.3 C.7.6.16) places
+    each frame through its functional groups (Plane Position, Plane Orientation, Pixel Measures, Pixel
+    Value Transformation; per frame, else shared); a legacy one by its top-level ImagePositionPatient,
+    ImageOrientationPatient and PixelSpacing, frames SpacingBetweenSlices apart along the slice normal."""
+    n = _n_frames(ds)
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    if enhanced and len(ds.get("PerFrameFunctionalGroupsSequence") or ()) not in (0, n):
+        raise InputError(path, f"has {n} frames but {len(ds.PerFrameFunctionalGroupsSequence)} per-frame "
+                               "functional groups")
+    files, spacings, orientations = [], [], []
+    for frame in range(n):
+        where = f"frame {frame + 1}: "
+        if enhanced:
+            measures = _frame_item(ds, frame, "PixelMeasuresSequence")
+            plane = _frame_item(ds, frame, "PlaneOrientationSequence")
+            position = _frame_item(ds, frame, "PlanePositionSequence")
+            rescale = _frame_item(ds, frame, "PixelValueTransformationSequence") or ds
+            for item, sequence in ((measures, "PixelMeasuresSequence"), (plane, "PlaneOrientationSequence"),
+                                   (position, "PlanePositionSequence")):
+                if item is None:
+                    raise InputError(path, f"{where}lacks {sequence}; cannot place the frame in space")
+            spacings.append(_floats(measures, "PixelSpacing", 2, path, where))
+            orientations.append(_floats(plane, "ImageOrientationPatient", 6, path, where))
+            ipp = _floats(position, "ImagePositionPatient", 3, path, where)
+        else:
+            rescale = ds
+            spacings.append(_floats(ds, "PixelSpacing", 2, path))
+            orientations.append(_floats(ds, "ImageOrientationPatient", 6, path))
+            if frame == 0:
+                gap = ds.get("SpacingBetweenSlices")
+                if not gap or float(gap) <= 0:
+                    raise InputError(path, f"is a multi-frame image ({n} frames) without functional groups or a "
+                                           "positive SpacingBetweenSlices; the frames cannot be placed in space")
+                x_row, x_col = _orientation(path, orientations[0])
+                origin = _floats(ds, "ImagePositionPatient", 3, path)
+                step = np.cross(x_row, x_col) * float(gap)
+            ipp = origin + frame * step
+        slope = float(rescale.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(rescale.get("RescaleIntercept", 0.0) or 0.0)
+        files.append(_SliceFile(path, ipp, frame, slope, intercept))
+        if np.abs(spacings[-1] - spacings[0]).max() > 1e-6 * spacings[0].max():
+            raise InputError(path, f"{where}PixelSpacing {_fmt(spacings[-1])} differs from frame 1's "
+                                   f"{_fmt(spacings[0])}")
+        if np.abs(orientations[-1] - orientations[0]).max() > ORIENTATION_TOLERANCE:
+            raise InputError(path, f"{where}ImageOrientationPatient {_fmt(orientations[-1])} differs from "
+                                   f"frame 1's {_fmt(orientations[0])}")
+    return files, spacings[0], orientations[0]
+
+
+def _series_volume(folder: Path, files: list[_SliceFile], first: pydicom.Dataset, rows: int, columns: int,
+                   pixel_spacing: np.ndarray, orientation: np.ndarray) -> DicomSeries:
+    """The volume of checked slices: ordered along the slice normal, on an even grid, with its affine."""
+    first_path = files[0].path
     if np.any(pixel_spacing <= 0):
         raise InputError(first_path, f"PixelSpacing {_fmt(pixel_spacing)} must be positive")
     x_row, x_col = _orientation(first_path, orientation)
@@ -193,10 +319,6 @@ def _read_header(path: Path) -> pydicom.Dataset:
         raise InputError(path, f"holds no image ({kind}); a series folder must hold only image slices")
     if "PixelData" not in ds:
         raise InputError(path, "holds floating-point pixel data, which is not read; expected a CT image slice")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise InputError(path, f"is a multi-frame image ({frames} frames); only series stored as one file per "
-                               "slice are read (dcm2niix converts multi-frame files to NIfTI)")
     samples = int(ds.get("SamplesPerPixel", 1))
     if samples != 1:
         raise InputError(path, f"has {samples} samples per pixel ({ds.get('PhotometricInterpretation', 'colour')}); "
@@ -207,18 +329,19 @@ def _read_header(path: Path) -> pydicom.Dataset:
     return ds
 
 
-def _floats(ds: pydicom.Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
-    """A multi-valued decimal attribute as ``n`` finite floats; InputError if missing or malformed."""
+def _floats(ds: pydicom.Dataset, keyword: str, n: int, path: Path, where: str = "") -> np.ndarray:
+    """A multi-valued decimal attribute as ``n`` finite floats; InputError (``where`` before the problem,
+    e.g. ``"frame 3: "``) if missing or malformed."""
     value = ds.get(keyword)
     if value is None or value == "":
-        raise InputError(path, f"lacks {keyword}; cannot place the slice in space")
+        raise InputError(path, f"{where}lacks {keyword}; cannot place the slice in space")
     try:
         items = value if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else [value]
         out = np.array([float(v) for v in items], dtype=np.float64)
     except (TypeError, ValueError):
-        raise InputError(path, f"{keyword} {value!r} is not numeric") from None
+        raise InputError(path, f"{where}{keyword} {value!r} is not numeric") from None
     if out.shape != (n,) or not np.isfinite(out).all():
-        raise InputError(path, f"{keyword} {value!r} should be {n} finite numbers")
+        raise InputError(path, f"{where}{keyword} {value!r} should be {n} finite numbers")
     return out
 
 
@@ -246,24 +369,25 @@ def _slice_step(folder: Path, files: list[_SliceFile], normal: np.ndarray, first
     same = np.flatnonzero(gaps <= max(tol, 1e-6))
     if same.size:
         a, b = files[same[0]], files[same[0] + 1]
-        raise InputError(folder, f"{a.path.name} and {b.path.name} lie at the same slice position "
+        raise InputError(folder, f"{a.name} and {b.name} lie at the same slice position "
                                  f"{along[same[0]]:.4g} mm (several acquisitions or echoes in one series?)")
     if np.abs(gaps - typical).max() > tol:
         worst = int(np.argmax(np.abs(gaps - typical)))
         a, b = files[worst], files[worst + 1]
         ratio = gaps[worst] / typical
         if abs(ratio - round(ratio)) <= POSITION_TOLERANCE and round(ratio) >= 2:
-            problem = (f"{round(ratio) - 1} slice(s) missing between {a.path.name} and {b.path.name} "
+            problem = (f"{round(ratio) - 1} slice(s) missing between {a.name} and {b.name} "
                        f"({gaps[worst]:.4g} mm apart where the other slices are {typical:.4g} mm apart)")
         else:
-            problem = (f"unevenly spaced slices: {a.path.name} and {b.path.name} are {gaps[worst]:.4g} mm apart "
+            problem = (f"unevenly spaced slices: {a.name} and {b.name} are {gaps[worst]:.4g} mm apart "
                        f"where the other slices are {typical:.4g} mm apart")
         raise InputError(folder, problem)
     step = (files[-1].position - files[0].position) / (len(files) - 1)
     for k, f in enumerate(files):
         stray = float(np.linalg.norm(f.position - (files[0].position + k * step)))
         if stray > tol:
-            raise InputError(f.path, f"ImagePositionPatient {_fmt(f.position)} lies {stray:.4g} mm off the line "
+            frame = "" if f.frame is None else f"frame {f.frame + 1}: "
+            raise InputError(f.path, f"{frame}ImagePositionPatient {_fmt(f.position)} lies {stray:.4g} mm off the line "
                                      "through the other slices' positions")
     return step
 

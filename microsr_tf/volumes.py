@@ -49,9 +49,9 @@ def is_nifti_name(path: str | os.PathLike) -> bool:
 
 
 def nifti_stem(path: str | os.PathLike) -> str:
-    """The file name without its ``.nii`` / ``.nii.gz`` suffix (``scan.nii.gz`` -> ``scan``)."""
+    """The file name without its ``.nii`` / ``.nii.gz`` (or DICOM ``.dcm``) suffix (``scan.nii.gz`` -> ``scan``)."""
     name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
+    for suffix in (".nii.gz", ".nii", ".dcm"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -222,7 +222,8 @@ def _reaches_end(index: int | slice, n: int) -> bool:
 
 def open_volume(path: str | os.PathLike) -> Volume:
     """Open and validate a 3-D volume without reading its voxels: a NIfTI-1/NIfTI-2 file (``.nii`` or
-    ``.nii.gz``), or a folder holding one DICOM series (:func:`microsr_tf.dicom.open_series`).
+    ``.nii.gz``), a folder holding one DICOM series, or one multi-frame DICOM file
+    (:func:`microsr_tf.dicom.open_series`).
 
     Raises InputError for a missing file, a file that is not NIfTI, a truncated file, a true 4-D,
     2-D or >4-D image, a zero-length axis, non-positive spacing, or complex/RGB/non-numeric voxels.
@@ -238,7 +239,11 @@ def open_volume(path: str | os.PathLike) -> Volume:
     if not path.is_file():
         raise InputError(path, "not a file (expected a .nii or .nii.gz volume, or a DICOM series folder)")
     if not is_nifti_name(path):
-        raise InputError(path, "not a NIfTI file name (expected .nii or .nii.gz)")
+        if _has_dicom_marker(path):  # a multi-frame DICOM file is a whole volume
+            from .dicom import open_series
+
+            return open_series(path)
+        raise InputError(path, "not a NIfTI file name (expected .nii or .nii.gz) nor a DICOM file")
     try:
         with _nibabel_fixes_quiet():
             img = nib.load(path)
@@ -360,7 +365,8 @@ def find_volumes(directory: str | os.PathLike) -> list[Path]:
     """The volumes of a training folder, sorted by name (hidden entries ignored); InputError if none.
 
     Each ``.nii``/``.nii.gz`` file directly in ``directory`` is one volume, and so is each subfolder,
-    which must hold one DICOM series (checked when it is opened). Other files are ignored.
+    which must hold one DICOM series (checked when it is opened), and each multi-frame DICOM file.
+    Other files are ignored; single-slice DICOM files directly in the folder are refused with a hint.
     """
     directory = Path(directory)
     if not directory.exists():
@@ -368,12 +374,19 @@ def find_volumes(directory: str | os.PathLike) -> list[Path]:
     if not directory.is_dir():
         raise InputError(directory, "not a directory")
     entries = [p for p in directory.iterdir() if not p.name.startswith(".")]
-    found = sorted(p for p in entries if p.is_dir() or (p.is_file() and is_nifti_name(p)))
+    dicom = [p for p in entries if p.is_file() and not is_nifti_name(p) and _has_dicom_marker(p)]
+    if dicom:
+        from .dicom import frame_count  # pydicom is imported only when a folder holds DICOM files
+
+        single = [p for p in dicom if frame_count(p) <= 1]
+        if single:
+            raise InputError(directory, f"holds DICOM slice files ({single[0].name}) directly; put each series "
+                                        "in its own subfolder (one subfolder is one volume; a multi-frame file "
+                                        "is one volume by itself)")
+    found = sorted(p for p in entries if p.is_dir() or (p.is_file() and is_nifti_name(p)) or p in dicom)
     if not found:
-        if any(p.is_file() and _has_dicom_marker(p) for p in entries):
-            raise InputError(directory, "holds DICOM files but no series subfolders; put each series in its own "
-                                        "subfolder (one subfolder is one volume)")
-        raise InputError(directory, "no .nii or .nii.gz volumes or DICOM series subfolders found")
+        raise InputError(directory, "no .nii or .nii.gz volumes, DICOM series subfolders or multi-frame DICOM "
+                                    "files found")
     return found
 
 

@@ -1,4 +1,5 @@
-"""Test helper: write a known volume as a DICOM series with pydicom, one file per slice.
+"""Test helper: write a known volume as a DICOM series with pydicom, one file per slice or one
+multi-frame file.
 
 The geometry follows DICOM PS3.3 C.7.6.2.1.1 written out directly from a NIfTI (RAS) affine:
 ImageOrientationPatient holds the LPS directions of array axes 0 (along a row) and 1 (down a
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.sequence import Sequence
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -103,3 +105,47 @@ def affine_from(rotation_matrix: np.ndarray, zooms, origin) -> np.ndarray:
     aff[:3, :3] = np.asarray(rotation_matrix) @ np.diag(zooms)
     aff[:3, 3] = origin
     return aff
+
+
+def multiframe_dataset(stored: np.ndarray, affine_ras: np.ndarray, order=None, slopes=None, intercepts=None,
+                       enhanced: bool = True) -> Dataset:
+    """``stored`` (int16/uint16, ``(columns, rows, slices)``) as one multi-frame file; frame ``f`` holds
+    slice ``order[f]`` with rescale ``slopes[f]``, ``intercepts[f]``. Enhanced: Enhanced CT with the
+    geometry and rescale in functional groups (spacing and orientation shared, position and rescale per
+    frame). Legacy: top-level geometry of slice 0 and SpacingBetweenSlices, one rescale for all frames."""
+    n = stored.shape[2]
+    order = list(range(n)) if order is None else list(order)
+    slopes = [1.0] * n if slopes is None else list(slopes)
+    intercepts = [0.0] * n if intercepts is None else list(intercepts)
+    first = geometry(affine_ras, 0)
+    ds = slice_dataset(stored[:, :, 0], **first, series_uid=generate_uid(), study_uid=generate_uid(),
+                       slope=slopes[0], intercept=intercepts[0])
+    frames = np.stack([np.asarray(stored[:, :, k]).T for k in order])  # [frame, row, column]
+    ds.NumberOfFrames = n
+    ds.PixelData = frames.astype("<i2" if frames.dtype.kind == "i" else "<u2").tobytes()
+    if not enhanced:
+        ds.SpacingBetweenSlices = DSfloat(first["thickness"], auto_format=True)
+        return ds
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    for keyword in ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "RescaleSlope",
+                    "RescaleIntercept"):
+        delattr(ds, keyword)
+    measures, plane, shared = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing = ds_values(first["pixel_spacing"])
+    measures.SliceThickness = DSfloat(first["thickness"], auto_format=True)
+    plane.ImageOrientationPatient = ds_values(first["iop"])
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([plane])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for f, k in enumerate(order):
+        position, rescale, group = Dataset(), Dataset(), Dataset()
+        position.ImagePositionPatient = ds_values(geometry(affine_ras, k)["ipp"])
+        rescale.RescaleSlope = DSfloat(slopes[f], auto_format=True)
+        rescale.RescaleIntercept = DSfloat(intercepts[f], auto_format=True)
+        rescale.RescaleType = "HU"
+        group.PlanePositionSequence = Sequence([position])
+        group.PixelValueTransformationSequence = Sequence([rescale])
+        per_frame.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    return ds

@@ -27,7 +27,8 @@ with warnings.catch_warnings():  # nibabel warns that its DICOM readers are expe
     warnings.simplefilter("ignore")  # here only as a second formulation of single-slice geometry and scaling
     from nibabel.nicom.dicomwrappers import wrapper_from_file
 
-from dicomseries import affine_from, geometry, rotation, slice_dataset, write_series  # tests/dicomseries.py
+from dicomseries import (affine_from, geometry, multiframe_dataset, rotation, slice_dataset,  # tests/dicomseries.py
+                         write_series)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = BUNDLED_MODEL  # the demo's model, in saved_models/
@@ -152,6 +153,56 @@ def test_rle_compressed_series_reads_as_the_uncompressed_one(tmp_path):
     np.testing.assert_array_equal(rle.affine, plain.affine)
 
 
+@pytest.mark.parametrize("affine", [AXIAL, OBLIQUE, OBLIQUE_FLIPPED], ids=["axial", "oblique", "oblique_flipped"])
+def test_enhanced_multiframe_file_reads_as_its_one_file_per_slice_twin(tmp_path, affine):
+    """Frames stored out of slice order, each with its own rescale: placed by their functional groups,
+    they give the grid of the same volume written one file per slice (itself checked against NIfTI)."""
+    stored = stored_volume(dtype=np.uint16)
+    n = stored.shape[2]
+    rng = np.random.default_rng(5)
+    order = rng.permutation(n)  # frame f holds slice order[f]
+    slopes, intercepts = rng.choice([0.25, 0.5, 2.0], n), rng.choice([-1024.0, -1000.0, 0.0], n)
+    (tmp_path / "mf").mkdir()
+    multiframe_dataset(stored, affine, order, slopes, intercepts).save_as(tmp_path / "mf" / "ct.dcm",
+                                                                          enforce_file_format=True)
+    write_series(tmp_path / "files", stored, affine)
+    frames, files = open_volume(tmp_path / "mf"), open_volume(tmp_path / "files")
+    assert frames.shape == files.shape == stored.shape
+    np.testing.assert_allclose(frames.affine, files.affine, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(frames.spacing, files.spacing, rtol=1e-12)
+    frame_of = np.argsort(order)  # the frame holding slice k
+    expected = (stored * slopes[frame_of] + intercepts[frame_of]).astype(np.float32)  # by hand, slice by slice
+    if affine is OBLIQUE_FLIPPED:  # stored against the slice normal: read in reverse, as the files are
+        expected = expected[:, :, ::-1]
+    for axis in (0, 1, 2):
+        np.testing.assert_array_equal(read_all(frames, axis), expected)
+
+
+@pytest.mark.parametrize("affine", [AXIAL, OBLIQUE], ids=["axial", "oblique"])
+def test_legacy_multiframe_file_steps_its_frames_along_the_normal(tmp_path, affine):
+    stored = stored_volume()
+    (tmp_path / "mf").mkdir()
+    multiframe_dataset(stored, affine, slopes=[0.5] * 7, intercepts=[-1024.0] * 7, enhanced=False).save_as(
+        tmp_path / "mf" / "ct.dcm", enforce_file_format=True)
+    write_series(tmp_path / "files", stored, affine, slope=0.5, intercept=-1024.0)
+    frames, files = open_volume(tmp_path / "mf"), open_volume(tmp_path / "files")
+    np.testing.assert_allclose(frames.affine, files.affine, rtol=0, atol=1e-6)  # steps from a 16-character gap
+    np.testing.assert_array_equal(read_all(frames, 2), read_all(files, 2))
+
+
+def test_rle_multiframe_decodes_one_frame_per_slice_as_the_uncompressed_file(tmp_path):
+    stored = stored_volume()
+    for name, compress in (("plain", None), ("rle", RLELossless)):
+        (tmp_path / name).mkdir()
+        ds = multiframe_dataset(stored, OBLIQUE, order=[3, 0, 6, 1, 5, 2, 4], slopes=[2.0] * 7, intercepts=[-10.0] * 7)
+        if compress:
+            ds.compress(compress)
+        ds.save_as(tmp_path / name / "ct.dcm", enforce_file_format=True)
+    plain, rle = open_volume(tmp_path / "plain"), open_volume(tmp_path / "rle")
+    np.testing.assert_array_equal(read_all(rle, 2), read_all(plain, 2))
+    np.testing.assert_array_equal(read_all(plain, 2), stored * 2.0 - 10.0)
+
+
 def test_per_file_rescale_is_applied_file_by_file(tmp_path):
     stored = stored_volume(shape=(6, 5, 3))
     folder = tmp_path / "s"
@@ -221,13 +272,32 @@ def _refusal_case(case: str, folder: Path):
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
         ds.save_as(folder / "report.dcm")
         return folder / "report.dcm", ["holds no image", "Basic Text SR"]
-    if case == "multiframe":
+    if case == "multiframe_beside_files":
         paths = _series(folder, shape=(8, 6, 2))
         ds = pydicom.dcmread(paths[0])
         ds.NumberOfFrames = 2
         ds.PixelData = ds.PixelData * 2
         ds.save_as(paths[0])
-        return paths[0], ["multi-frame", "2 frames"]
+        return paths[0], ["multi-frame", "2 frames", "beside 1 other file", "one multi-frame file or one file per"]
+    if case == "legacy_multiframe_without_spacing":
+        folder.mkdir(parents=True, exist_ok=True)
+        ds = multiframe_dataset(stored_volume((8, 6, 3)), AXIAL, enhanced=False)
+        del ds.SpacingBetweenSlices
+        ds.save_as(folder / "ct.dcm", enforce_file_format=True)
+        return folder / "ct.dcm", ["3 frames", "SpacingBetweenSlices", "cannot be placed"]
+    if case == "frame_without_position":
+        folder.mkdir(parents=True, exist_ok=True)
+        ds = multiframe_dataset(stored_volume((8, 6, 3)), AXIAL)
+        del ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+        ds.save_as(folder / "ct.dcm", enforce_file_format=True)
+        return folder / "ct.dcm", ["frame 2: lacks PlanePositionSequence"]
+    if case == "frame_off_the_line":
+        folder.mkdir(parents=True, exist_ok=True)
+        ds = multiframe_dataset(stored_volume((8, 6, 4)), AXIAL)
+        ipp = [float(v) for v in ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence[0].ImagePositionPatient]
+        ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence[0].ImagePositionPatient = [ipp[0] + 3.0, *ipp[1:]]
+        ds.save_as(folder / "ct.dcm", enforce_file_format=True)
+        return folder / "ct.dcm", ["frame 3: ImagePositionPatient", "off the line"]
     if case == "colour":
         paths = _series(folder, shape=(8, 6, 2))
         ds = pydicom.dcmread(paths[1])
@@ -275,7 +345,8 @@ def _refusal_case(case: str, folder: Path):
 
 
 REFUSALS = ["empty", "two_series", "missing_slice", "uneven", "duplicate_position", "not_dicom", "nifti_inside",
-            "no_image", "multiframe", "colour", "size_mismatch", "localizer", "no_position", "subfolder",
+            "no_image", "multiframe_beside_files", "legacy_multiframe_without_spacing", "frame_without_position",
+            "frame_off_the_line", "colour", "size_mismatch", "localizer", "no_position", "subfolder",
             "single_slice_no_thickness", "jpeg_lossless_without_decoder"]
 
 
@@ -339,6 +410,18 @@ def test_pixels_are_read_lazily_one_file_at_a_time(tmp_path):
         tracemalloc.stop()
     assert peak < 10 * one and peak < full / 10, (peak, one, full)  # a few slices' worth, not the volume
 
+    (tmp_path / "mf").mkdir()  # one multi-frame file: each slice decodes its own frame, not the file
+    multiframe_dataset(stored, OBLIQUE).save_as(tmp_path / "mf" / "ct.dcm", enforce_file_format=True)
+    vol = open_volume(tmp_path / "mf")
+    tracemalloc.start()
+    try:
+        for k, arr in vol.iter_slices(-1):
+            assert arr.shape == (96, 80)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * one and peak < full / 10, (peak, one, full)
+
 
 # ---------------------------------------------------------------------------------- training folders
 
@@ -379,6 +462,14 @@ def test_a_training_folder_of_loose_dicom_files_says_how_to_lay_them_out(tmp_pat
     with pytest.raises(InputError) as exc:
         find_volumes(tmp_path / "lr")
     assert "own subfolder" in one_line_naming(exc, tmp_path / "lr")
+    # A multi-frame file is a whole volume: such files may lie directly in the folder.
+    mf = tmp_path / "mf"
+    mf.mkdir()
+    for name, seed in (("ear02.dcm", 1), ("ear01.dcm", 0)):
+        multiframe_dataset(stored_volume((8, 6, 3), seed=seed), AXIAL).save_as(mf / name, enforce_file_format=True)
+    (mf / "notes.txt").write_text("not a volume")
+    assert find_volumes(mf) == [mf / "ear01.dcm", mf / "ear02.dcm"]
+    np.testing.assert_array_equal(read_all(open_volume(mf / "ear02.dcm"), 2), stored_volume((8, 6, 3), seed=1))
 
 
 # ---------------------------------------------------------------------------------- predict
@@ -402,28 +493,38 @@ def phantom_pair(tmp_path_factory):
     zooms = (0.46875, 0.46875, 0.0625)
     affine = affine_from(rotation((0.2, 0.3, 1.0), 0.6), zooms, phantom_affine(hu.shape, zooms)[:3, 3])
     twin = write_twin(root / "ear.nii.gz", hu.astype(np.float32), affine)
-    write_series(root / "ear", (hu.astype(np.int32) + 2048).astype(np.uint16), affine, intercept=-2048.0, seed=11)
+    stored = (hu.astype(np.int32) + 2048).astype(np.uint16)
+    write_series(root / "ear", stored, affine, intercept=-2048.0, seed=11)
+    (root / "ear_mf").mkdir()  # the same scan as one Enhanced CT file, frames in reverse
+    n = stored.shape[2]
+    multiframe_dataset(stored, affine, order=range(n - 1, -1, -1), intercepts=[-2048.0] * n).save_as(
+        root / "ear_mf" / "ct.dcm", enforce_file_format=True)
     return twin, root / "ear", hu
 
 
 @pytest.mark.slow
-def test_predict_on_a_series_equals_predict_on_its_nifti_twin(tmp_path, phantom_pair):
+def test_predict_on_a_series_or_a_multiframe_file_equals_predict_on_its_nifti_twin(tmp_path, phantom_pair):
     twin, series, _ = phantom_pair
     outs = {}
-    for name, src in (("nifti", twin), ("dicom", series)):
+    for name, src in (("nifti", twin), ("dicom", series), ("multiframe", series.parent / "ear_mf"),
+                      ("multiframe_file", series.parent / "ear_mf" / "ct.dcm")):
         out = tmp_path / name
         result = CliRunner().invoke(cli, ["predict", str(src), "--model", str(BUNDLED), "--out-dir", str(out),
                                           "-T", "2", "--seed", "5", "--roi", "4:20,6:18,20:23", "--tile", "64"])
         assert result.exit_code == 0, result.output
         outs[name] = out
     assert sorted(p.name for p in outs["dicom"].iterdir()) == ["ear_mean.nii.gz", "ear_var.nii.gz"]
+    assert sorted(p.name for p in outs["multiframe"].iterdir()) == ["ear_mf_mean.nii.gz", "ear_mf_var.nii.gz"]
+    assert sorted(p.name for p in outs["multiframe_file"].iterdir()) == ["ct_mean.nii.gz", "ct_var.nii.gz"]
     for key in ("mean", "var"):
-        a, b = (nib.load(outs[n] / f"ear_{key}.nii.gz") for n in ("nifti", "dicom"))
-        assert a.shape == b.shape == (125, 94, 3)  # round(16 * 7.8125), round(12 * 7.8125)
-        np.testing.assert_allclose(b.affine, a.affine, atol=1e-6)
-        np.testing.assert_array_equal(np.asarray(b.dataobj), np.asarray(a.dataobj))
-        assert np.asarray(b.dataobj).std() > 0
-        assert b.header["sform_code"] == 1  # scanner coordinates
+        a = nib.load(outs["nifti"] / f"ear_{key}.nii.gz")
+        for b in (nib.load(outs["dicom"] / f"ear_{key}.nii.gz"), nib.load(outs["multiframe"] / f"ear_mf_{key}.nii.gz"),
+                  nib.load(outs["multiframe_file"] / f"ct_{key}.nii.gz")):
+            assert a.shape == b.shape == (125, 94, 3)  # round(16 * 7.8125), round(12 * 7.8125)
+            np.testing.assert_allclose(b.affine, a.affine, atol=1e-6)
+            np.testing.assert_array_equal(np.asarray(b.dataobj), np.asarray(a.dataobj))
+            assert np.asarray(b.dataobj).std() > 0
+            assert b.header["sform_code"] == 1  # scanner coordinates
 
 
 @pytest.mark.slow

@@ -176,7 +176,8 @@ def _lines(result) -> list[str]:
     return [line for line in result.output.strip().splitlines() if line]
 
 
-@pytest.mark.parametrize("case", ["no_equals", "empty_name", "bad_name", "same_name", "dir_missing", "dir_is_file",
+@pytest.mark.parametrize("case", ["no_equals", "empty_name", "bad_name", "same_name", "same_folder", "dir_missing",
+                                  "dir_is_file",
                                   "no_mean_file", "shape_mismatch", "other_region", "half_voxel_offset",
                                   "not_finer", "outside_lr", "lr_missing", "too_many_slices", "out_is_file",
                                   "out_has_study"])
@@ -193,6 +194,11 @@ def test_make_refuses_bad_input_with_one_line_and_writes_nothing(inputs, tmp_pat
                 "same_name": f"cycle_gan={dirs['u-net']}"}[case]
         args = make_args(lr, dirs, out) + ["--method", spec]
         expect = f"--method '{spec}':"
+    elif case == "same_folder":  # one prediction under a second name, through another spelling of its path
+        spec = f"copy={dirs['u-net']}/../{dirs['u-net'].name}"
+        args = make_args(lr, dirs, out) + ["--method", spec]
+        expect = (f"--method '{spec}': {dirs['u-net']}/../{dirs['u-net'].name}/case_mean.nii.gz is method 'u-net''s "
+                  "prediction too; give each method its own predictions")
     else:
         target = dirs["u-net"] / "case_mean.nii.gz"
         expect = f"{target}:"

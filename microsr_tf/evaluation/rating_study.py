@@ -83,8 +83,8 @@ class StudyResult:
 def parse_methods(specs: Sequence[str], lr_path: str | os.PathLike) -> list[Method]:
     """``NAME=DIR`` strings -> methods whose ``DIR/<LR stem>_mean.nii.gz`` exists.
 
-    ConfigError for a malformed or repeated NAME; InputError naming the folder or file when a
-    folder is missing or holds no prediction for the LR scan.
+    ConfigError for a malformed or repeated NAME or one prediction given under two names; InputError
+    naming the folder or file when a folder is missing or holds no prediction for the LR scan.
     """
     if not specs:
         raise ConfigError("--method: give at least one NAME=DIR (a folder written by `microsr-tf predict`)")
@@ -109,6 +109,10 @@ def parse_methods(specs: Sequence[str], lr_path: str | os.PathLike) -> list[Meth
         if not mean.is_file():
             raise InputError(mean, f"not found: method {name!r} has no posterior mean for {Path(lr_path).name} "
                                    f"(run `microsr-tf predict {lr_path} --out-dir {folder}`)")
+        twin = next((m for m in methods if os.path.samefile(m.mean_path, mean)), None)
+        if twin is not None:  # raters would score one image under two labels
+            raise ConfigError(f"--method {spec!r}: {mean} is method {twin.name!r}'s prediction too; give each "
+                              "method its own predictions")
         methods.append(Method(name, mean))
     return methods
 

@@ -75,10 +75,15 @@ def main():
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.scan).name.removesuffix(".gz").removesuffix(".nii")
+    # The scan's qform/sform codes (scanner, aligned, ...) carry over, each form moved to the HR grid.
+    qcode, scode = int(scan.header["qform_code"]), int(scan.header["sform_code"])
     for key, name in (("mean", "mean"), ("variance", "var"), ("std", "std")):
-        volume = np.stack(results[key], axis=-1)
-        nib.save(nib.Nifti1Image(volume, scan.affine @ to_lr), out / f"{stem}_{name}.nii.gz")
-        print(f"wrote {out / f'{stem}_{name}.nii.gz'} {volume.shape}")
+        image = nib.Nifti1Image(np.stack(results[key], axis=-1), scan.affine @ to_lr)
+        image.set_qform(scan.header.get_qform() @ to_lr, code=qcode)
+        image.set_sform(scan.affine @ to_lr, code=scode if scode or qcode else 2)
+        image.header.set_xyzt_units(*scan.header.get_xyzt_units())
+        nib.save(image, out / f"{stem}_{name}.nii.gz")
+        print(f"wrote {out / f'{stem}_{name}.nii.gz'} {image.shape}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,10 @@ def setup(tmp_path_factory):
     lr = rng.normal(50.0, 10.0, (10, 9, 3)).astype(np.float32)
     lr[3:7, 2:6] += 40.0
     affine = np.array([[0.0, 0.4, 0.0, -3.0], [0.4, 0.0, 0.0, 2.0], [0.0, 0.0, 1.2, 7.0], [0, 0, 0, 1]])
-    nib.save(nib.Nifti1Image(lr, affine), tmp / "scan.nii.gz")
+    scan = nib.Nifti1Image(lr, affine)
+    scan.set_qform(affine, code=1)  # scanner coordinates, as a CT scan has; outputs keep the codes
+    scan.set_sform(affine, code=1)
+    nib.save(scan, tmp / "scan.nii.gz")
     with LoopbackServer(tmp / "models" / "microsr") as server:
         yield tmp, server
 
@@ -116,13 +119,17 @@ def test_the_plain_python_client_example_writes_what_predict_writes(tmp_path, se
     _predict([tmp / "scan.nii.gz", "--model", tmp / "g.keras", "--out-dir", tmp_path / "local", "--samples", 3,
               "--seed", 4, "--normalize", "model", "--stitch", "whole", "--std"])
     example = Path(__file__).resolve().parents[1] / "serving" / "client_example.py"
-    subprocess.run([sys.executable, str(example), str(tmp / "scan.nii.gz"), str(tmp_path / "example"),
-                    "--server", f"http://{server.rest_target}", "--samples", "3", "--seed", "4"], check=True,
-                   capture_output=True)
+    proc = subprocess.run([sys.executable, str(example), str(tmp / "scan.nii.gz"), str(tmp_path / "example"),
+                           "--server", f"http://{server.rest_target}", "--samples", "3", "--seed", "4"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
     for key in OUTPUTS:
         local = nib.load(tmp_path / "local" / f"scan_{key}.nii.gz")
         example_out = nib.load(tmp_path / "example" / f"scan_{key}.nii.gz")
         np.testing.assert_allclose(example_out.affine, local.affine, atol=1e-9)
+        for code in ("qform_code", "sform_code"):
+            assert int(example_out.header[code]) == int(local.header[code]) == 1, code
+        np.testing.assert_allclose(example_out.get_qform(), local.get_qform(), atol=1e-6)
         scale = float(np.abs(local.get_fdata()).max())
         np.testing.assert_allclose(example_out.get_fdata(), local.get_fdata(), rtol=0,
                                    atol=(1e-4 if key == "var" else 2e-5) * scale)

@@ -244,6 +244,7 @@ def open_volume(path: str | os.PathLike) -> Volume:
 
             return open_series(path)
         raise InputError(path, "not a NIfTI file name (expected .nii or .nii.gz) nor a DICOM file")
+    _check_compression_matches_name(path)
     try:
         with _nibabel_fixes_quiet():
             img = nib.load(path)
@@ -289,6 +290,29 @@ def _check_sform_spacing(path: Path, header: Nifti1Header, zooms: np.ndarray) ->
         show = lambda v: " x ".join(f"{x:.6g}" for x in v)  # noqa: E731
         raise InputError(path, f"voxel size is ambiguous: pixdim says {show(zooms)}{unit} but the sform's axes are "
                                f"{show(lengths)}{unit} long; make pixdim and the sform agree before use")
+
+
+def _check_compression_matches_name(path: Path) -> None:
+    """Refuse a NIfTI file whose name says the opposite of its bytes about gzip (readers go by the
+    name), saying which name fits; other unreadable bytes are left to the NIfTI reader's message."""
+    def nifti_start(head: bytes) -> bool:  # sizeof_hdr of NIfTI-1 (348) or NIfTI-2 (540), either byte order
+        return len(head) >= 4 and any(struct.unpack(order + "i", head[:4])[0] in (348, 540) for order in "<>")
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+            gzipped = head[:2] == b"\x1f\x8b"
+            if gzipped:
+                fh.seek(0)
+                with gzip.GzipFile(fileobj=fh) as inner:
+                    head = inner.read(4)
+    except (OSError, EOFError, zlib.error):
+        return  # unreadable: the NIfTI reader names the problem
+    named_gz = path.name.lower().endswith(".gz")
+    if named_gz and not gzipped and nifti_start(head):
+        raise InputError(path, "is named .nii.gz but is not gzip-compressed; rename it to .nii")
+    if gzipped and not named_gz and nifti_start(head):
+        raise InputError(path, "is gzip-compressed but named .nii; rename it to .nii.gz")
 
 
 @contextlib.contextmanager

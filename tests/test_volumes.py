@@ -262,6 +262,16 @@ def _truncated_nii(p, rng):
     p.write_bytes(p.read_bytes()[:-100])
 
 
+def _plain_named_gz(p, rng):
+    save(p.with_name("x.nii"), rng.normal(size=(4, 4, 3)).astype(np.float32))
+    p.with_name("x.nii").rename(p)
+
+
+def _gz_named_plain(p, rng):
+    save(p.with_name("x.nii.gz"), rng.normal(size=(4, 4, 3)).astype(np.float32))
+    p.with_name("x.nii.gz").rename(p)
+
+
 def _nan_spacing(p, rng):
     save(p, np.zeros((4, 4, 3), np.float32))
     hdr = nib.load(p).header.copy()
@@ -291,6 +301,8 @@ def _zero_spacing(p, rng):
     ("cut.nii.gz", _truncated_gz, "truncated"),
     ("cut.nii", _truncated_nii, "truncated"),
     ("nan_spacing.nii", _nan_spacing, "voxel spacing"),
+    ("plain.nii.gz", _plain_named_gz, "is named .nii.gz but is not gzip-compressed; rename it to .nii"),
+    ("packed.nii", _gz_named_plain, "is gzip-compressed but named .nii; rename it to .nii.gz"),
 ])
 def test_bad_files_are_refused_at_open(tmp_path, rng, name, make, problem):
     path = tmp_path / name

@@ -47,7 +47,7 @@ import tensorflow as tf
 from .config import MAX_SEED, MAX_SERVED_SAMPLES
 from .errors import InputError
 from .files import atomic_directory
-from .inference.predict import FACTOR_TOLERANCE
+from .inference.predict import FACTOR_TOLERANCE, FEATURELESS_SPAN
 from .models.artifact import (GENERATOR_CLASSES, check_prediction_meta, generator_file, load_generator, meta_path_for,
                               read_meta)
 from .models.dropout import image_seeds_tf
@@ -227,7 +227,9 @@ class _ServingModule(tf.Module):
 
         Chunks of passes are merged with Chan's parallel algorithm in float64; the loop runs to the
         largest count and each image keeps only its own first ``samples[b]`` passes, so a request
-        merged into a batch by the server gets exactly what it would get alone.
+        merged into a batch by the server gets the passes it would get alone (equal up to float32
+        rounding: a larger batch may run other convolution kernels). A constant image is
+        returned as itself with variance 0 (see :func:`microsr_tf.inference.predict.featureless_result`).
         """
         features = tuple(self._net.generator.deterministic_prefix(image))
         shape = tf.shape(image)
@@ -257,7 +259,11 @@ class _ServingModule(tf.Module):
             m2 = m2 + c_m2 + tf.square(delta) * (count * kept / safe)[:, None, None, None]
             count = total
             start += k
-        return tf.cast(mean, tf.float32), tf.cast(m2 / count[:, None, None, None], tf.float32)
+        mean, var = tf.cast(mean, tf.float32), tf.cast(m2 / count[:, None, None, None], tf.float32)
+        # A featureless (constant) image comes back as itself with variance 0, as predict writes it.
+        span = tf.reduce_max(image, axis=[1, 2, 3]) - tf.reduce_min(image, axis=[1, 2, 3])
+        flat = (span <= FEATURELESS_SPAN)[:, None, None, None]
+        return tf.where(flat, image, mean), tf.where(flat, tf.zeros_like(var), var)
 
     def _hr_grid(self, image, samples, seed):
         checks = _Checks()

@@ -108,8 +108,10 @@ def test_requests_merged_into_one_batch_get_what_they_get_alone(exported, loaded
     merged = sig(image=tf.constant(x), samples=tf.constant([5, 2, 3]), seed=tf.constant([7, 8, 9]))
     for b, (t, s) in enumerate([(5, 7), (2, 8), (3, 9)]):
         alone = sig(image=tf.constant(x[b:b + 1]), samples=tf.constant(t), seed=tf.constant(s))
-        np.testing.assert_allclose(merged["mean"].numpy()[b], alone["mean"].numpy()[0], atol=1e-6)
-        np.testing.assert_allclose(merged["variance"].numpy()[b], alone["variance"].numpy()[0], atol=1e-6)
+        # the same masks and sample counts: equal up to float32 rounding, which differs between a batch of
+        # three and a batch of one (other convolution kernels; seen once: 1.1e-6 on a mean of 0.5)
+        np.testing.assert_allclose(merged["mean"].numpy()[b], alone["mean"].numpy()[0], atol=1e-5)
+        np.testing.assert_allclose(merged["variance"].numpy()[b], alone["variance"].numpy()[0], atol=1e-5)
     # a scalar base seed follows image_seeds, as the local engine
     base = sig(image=tf.constant(x), samples=tf.constant(3), seed=tf.constant(4))
     rows = sig(image=tf.constant(x), samples=tf.constant([3, 3, 3]), seed=tf.constant(image_seeds(4, 3)))

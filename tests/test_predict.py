@@ -16,6 +16,7 @@ import cv2
 import nibabel as nib
 import numpy as np
 import pytest
+import tensorflow as tf
 from click.testing import CliRunner
 
 from microsr_tf.cli.main import cli
@@ -154,6 +155,35 @@ def test_identical_slices_get_independent_dropout_masks(tmp_path, model):
     res = predict_volume(tmp_path / "same.nii.gz", gen, meta, tmp_path / "out", samples=3, seed=5, stitch="whole")
     mean = nib.load(res.outputs["mean"]).get_fdata()
     assert not np.allclose(mean[:, :, 0], mean[:, :, 1]) and not np.allclose(mean[:, :, 1], mean[:, :, 2])
+
+
+def test_a_constant_slice_comes_out_as_itself_with_variance_0_not_as_the_network_s_grey(tmp_path, model_dir, model):
+    """Padding outside the field of view (and all-air slices below the normalisation's low end) is
+    constant: the output keeps it -- the low or high end of the HR range -- with variance 0 and no
+    passes, where the network would draw the same texture for any constant."""
+    path = write_lr(tmp_path / "padded.nii.gz", shape=(10, 12, 6))
+    img = nib.load(path)
+    data = np.asarray(img.dataobj).astype(np.int16)
+    data[:, :, 0] = -1024  # far below the scan: its normalised value clips to 0
+    data[:, :, 5] = 30000  # far above: clips to 1
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+    result = run_cli([path, "--model", model_dir, "--out-dir", tmp_path / "out", "--samples", "auto", "--seed", 3,
+                      "--percentiles", 90])
+    assert result.exit_code == 0, result.output
+    assert "T=auto (0-" in result.output  # the constant slices took no passes
+    mean = nib.load(tmp_path / "out" / "padded_mean.nii.gz").get_fdata()
+    var = nib.load(tmp_path / "out" / "padded_var.nii.gz").get_fdata()
+    p90 = nib.load(tmp_path / "out" / "padded_p90.nii.gz").get_fdata()
+    # By hand from HR_STATS: [0, 1] -> (u * (high - low) + low) * std + mean, i.e. 0 -> 500 and 1 -> 3500.
+    for k, expected in ((0, 500.0), (5, 3500.0)):
+        np.testing.assert_allclose(mean[:, :, k], expected, rtol=1e-6)
+        np.testing.assert_allclose(p90[:, :, k], expected, rtol=1e-6)
+        assert not var[:, :, k].any()
+    assert var[:, :, 1:5].min() > 0  # the scan's own slices are sampled
+    gen, _ = model  # what the network itself makes of them: grey, far from either end
+    for value in (0.0, 1.0):
+        drawn = gen(np.full((1, 40, 48, 1), value, np.float32), seed=tf.constant([[1, 0]])).numpy()
+        assert np.abs(drawn - value).mean() > 0.2, value
 
 
 def test_roi_output_shape_and_affine(tmp_path, model_dir):

@@ -27,8 +27,9 @@ def setup(tmp_path_factory):
     save_tiny_generator(tmp / "g.keras")
     export_saved_model(tmp / "g.keras", tmp / "models" / "microsr", samples=4)
     rng = np.random.default_rng(5)
-    lr = rng.normal(50.0, 10.0, (10, 9, 3)).astype(np.float32)
+    lr = rng.normal(50.0, 10.0, (10, 9, 4)).astype(np.float32)
     lr[3:7, 2:6] += 40.0
+    lr[:, :, 3] = 0.0  # padding outside the field of view: a constant slice, kept as it is with variance 0
     affine = np.array([[0.0, 0.4, 0.0, -3.0], [0.4, 0.0, 0.0, 2.0], [0.0, 0.0, 1.2, 7.0], [0, 0, 0, 1]])
     scan = nib.Nifti1Image(lr, affine)
     scan.set_qform(affine, code=1)  # scanner coordinates, as a CT scan has; outputs keep the codes
@@ -54,7 +55,7 @@ def test_remote_predict_writes_the_files_local_predict_writes(tmp_path, setup, p
     for key in OUTPUTS:
         local = nib.load(tmp_path / "local" / f"scan_{key}.nii.gz")
         remote = nib.load(tmp_path / "remote" / f"scan_{key}.nii.gz")
-        assert remote.shape == local.shape == (40, 36, 3)
+        assert remote.shape == local.shape == (40, 36, 4)
         np.testing.assert_array_equal(remote.affine, local.affine)
         # float32 rounding: the server runs plain ops where local prediction runs fused XLA kernels; a
         # variance of nearly equal samples magnifies it, and in paper mode so do the slopes of the
@@ -133,3 +134,5 @@ def test_the_plain_python_client_example_writes_what_predict_writes(tmp_path, se
         scale = float(np.abs(local.get_fdata()).max())
         np.testing.assert_allclose(example_out.get_fdata(), local.get_fdata(), rtol=0,
                                    atol=(1e-4 if key == "var" else 2e-5) * scale)
+        if key != "mean":  # the constant slice: the server returns it as predict writes it, unsampled
+            assert not example_out.get_fdata()[:, :, 3].any() and not local.get_fdata()[:, :, 3].any()

@@ -32,6 +32,7 @@ from .stitching import MODES as STITCH_MODES
 from .stitching import predict_slice
 
 FACTOR_TOLERANCE = 0.05  # relative mismatch allowed between the input's and the model's scale factors
+FEATURELESS_SPAN = 1e-6  # a normalised slice whose values span no more than this holds nothing to resolve
 
 META_KEYS = ("hr_spacing", "factors", "hr_stats")  # what prediction reads from the model's metadata
 
@@ -319,7 +320,10 @@ def predict_volume(
                    for key, path in paths.items() if key != "preview"}
         for done, (k, raw) in enumerate(vol.iter_slices(ax, ks), start=1):
             lr_up = lr_stats.normalize(resample_slice(plan.lr_slice(raw[i0:i1, j0:j1]), plan.factors))
-            res = engine(lr_up, slice_seed(seed, k))
+            if is_featureless(lr_up):
+                res = featureless_result(lr_up, slice_seed(seed, k), percentiles)
+            else:
+                res = engine(lr_up, slice_seed(seed, k))
             slice_samples.append(int(res.samples))
             for key, arr in _to_hr_units(res, hr_stats, write_std).items():
                 writers[key].write_slice(k - ks.start, arr)
@@ -346,6 +350,24 @@ def predict_volume(
         slices_per_s=len(ks) / seconds if seconds > 0 else math.inf, convergence=convergence,
         resampling=plan.resampling.to_dict() if plan.resampling else None, slice_samples=tuple(slice_samples),
         auto=resolve_samples(samples)[1] is not None)
+
+
+def is_featureless(image: np.ndarray) -> bool:
+    """Whether a normalised slice is constant (to :data:`FEATURELESS_SPAN`): padding outside a scan's
+    field of view, or a slice that is all air below the normalisation's low end."""
+    return float(np.max(image) - np.min(image)) <= FEATURELESS_SPAN
+
+
+def featureless_result(image: np.ndarray, seed: int, percentiles: Sequence[float] = ()) -> MCResult:
+    """The posterior of a featureless slice, without the network: the slice itself, variance 0, no passes.
+
+    A constant slice carries nothing to super-resolve, and the generator's instance normalisation would
+    turn it into the same mid-grey texture whatever its value (air, water and bone alike); the served
+    signatures return the same (:mod:`microsr_tf.export`).
+    """
+    mean = np.asarray(image, np.float32)
+    return MCResult(mean=mean, var=np.zeros_like(mean), samples=0, seed=seed,
+                    percentiles={float(q): mean for q in percentiles} or None, image_samples=(0,))
 
 
 NORMALIZE_MODES = ("volume", "model")

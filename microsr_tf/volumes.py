@@ -16,6 +16,7 @@ the final path.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import logging
 import os
@@ -488,8 +489,14 @@ class VolumeWriter:
                 fh.flush()
                 size = int(hdr.get_data_offset()) + int(np.prod(self.shape)) * hdr.get_data_dtype().itemsize
                 # Reserve the blocks now: a full disk is one clear error before any work, not a failed
-                # write (or a SIGBUS through the memmap) halfway through the volume.
-                os.posix_fallocate(fh.fileno(), 0, size)
+                # write (or a SIGBUS through the memmap) halfway through the volume. A file system that
+                # cannot reserve gets a sparse file, as before.
+                try:
+                    os.posix_fallocate(fh.fileno(), 0, size)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        raise
+                    fh.truncate(size)
             self._dtype = hdr.get_data_dtype()
             self._offset = int(hdr.get_data_offset())
             if self.axis == 2:

@@ -36,7 +36,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 
 from .errors import InputError
-from .volumes import Volume
+from .volumes import Volume, other_format_problem
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ORIENTATION_TOLERANCE = 1e-4  # direction cosines of one series may differ by this much between files
@@ -309,8 +309,8 @@ def _read_header(path: Path) -> pydicom.Dataset:
     try:
         ds = pydicom.dcmread(path, defer_size=_HEADER_DEFER_BYTES)
     except InvalidDicomError:
-        raise InputError(path, "is not a DICOM file; a series folder must hold only the files of one "
-                               "DICOM series") from None
+        raise InputError(path, other_format_problem(path) or "is not a DICOM file; a series folder must hold "
+                                                             "only the files of one DICOM series") from None
     except Exception as exc:  # truncated or malformed headers surface as many exception types
         raise InputError(path, f"unreadable DICOM file ({_first_line(exc)})") from None
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):

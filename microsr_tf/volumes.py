@@ -244,7 +244,8 @@ def open_volume(path: str | os.PathLike) -> Volume:
             from .dicom import open_series
 
             return open_series(path)
-        raise InputError(path, "not a NIfTI file name (expected .nii or .nii.gz) nor a DICOM file")
+        raise InputError(path, other_format_problem(path) or "not a NIfTI file name (expected .nii or .nii.gz) "
+                                                            "nor a DICOM file")
     _check_compression_matches_name(path)
     try:
         with _nibabel_fixes_quiet():
@@ -291,6 +292,23 @@ def _check_sform_spacing(path: Path, header: Nifti1Header, zooms: np.ndarray) ->
         show = lambda v: " x ".join(f"{x:.6g}" for x in v)  # noqa: E731
         raise InputError(path, f"voxel size is ambiguous: pixdim says {show(zooms)}{unit} but the sform's axes are "
                                f"{show(lengths)}{unit} long; make pixdim and the sform agree before use")
+
+
+_IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
+_VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".img", ".vtk")
+
+
+def other_format_problem(path: str | os.PathLike) -> str | None:
+    """What to say of a file in a format this tool does not read but a user may well hold (a micro-CT
+    slice stack, a NRRD or MetaImage volume), naming a conversion; None for other names."""
+    suffix = Path(path).suffix.lower()
+    if suffix in _IMAGE_SUFFIXES:
+        return (f"is a {suffix} image, not a volume: a slice stack carries no voxel size; convert the stack to "
+                "NIfTI with its voxel size (e.g. with 3D Slicer or SimpleITK)")
+    if suffix in _VOLUME_SUFFIXES:
+        return (f"is a {suffix} volume, which is not read; convert it to NIfTI, e.g. with SimpleITK: "
+                "sitk.WriteImage(sitk.ReadImage(path), 'scan.nii.gz')")
+    return None
 
 
 def _check_compression_matches_name(path: Path) -> None:
@@ -410,6 +428,9 @@ def find_volumes(directory: str | os.PathLike) -> list[Path]:
                                         "is one volume by itself)")
     found = sorted(p for p in entries if p.is_dir() or (p.is_file() and is_nifti_name(p)) or p in dicom)
     if not found:
+        other = next((p for p in sorted(entries) if other_format_problem(p)), None)
+        if other is not None:
+            raise InputError(directory, f"holds no volume this tool reads: {other.name} {other_format_problem(other)}")
         raise InputError(directory, "no .nii or .nii.gz volumes, DICOM series subfolders or multi-frame DICOM "
                                     "files found")
     return found

@@ -357,8 +357,30 @@ def test_missing_file_and_wrong_kind_of_path(tmp_path):
     with pytest.raises(InputError, match="is empty; expected the files of one DICOM series"):
         open_volume(tmp_path / "dir.nii")
     save(tmp_path / "scan.img", np.zeros((2, 2, 2), np.float32), cls=nib.Nifti1Pair)
-    with pytest.raises(InputError, match="not a NIfTI file name"):
+    with pytest.raises(InputError, match="is a .img volume, which is not read; convert it to NIfTI"):
         open_volume(tmp_path / "scan.img")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="not a NIfTI file name"):
+        open_volume(tmp_path / "notes.txt")
+
+
+def test_a_micro_ct_slice_stack_says_to_convert_it_with_its_voxel_size(tmp_path, rng):
+    """Micro-CT scanners export reconstructions as TIFF or BMP stacks: given as a scan, as a series folder or
+    as a training folder, the message names the format and the conversion instead of "not DICOM"."""
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    for k in range(3):
+        cv2.imwrite(str(stack / f"rec_{k:04d}.tif"), rng.integers(0, 60000, (20, 20)).astype(np.uint16))
+    hint = "is a .tif image, not a volume: a slice stack carries no voxel size; convert the stack to NIfTI"
+    for path in (stack, stack / "rec_0000.tif"):
+        with pytest.raises(InputError) as exc:
+            open_volume(path)
+        assert_one_line_naming(exc, stack / "rec_0000.tif")
+        assert exc.value.problem.startswith(hint)
+    with pytest.raises(InputError) as exc:
+        volumes.find_volumes(stack)
+    assert_one_line_naming(exc, stack)
+    assert exc.value.problem.startswith(f"holds no volume this tool reads: rec_0000.tif {hint}")
 
 
 @pytest.mark.parametrize("bad, label", [(np.nan, "1 NaN and 0 Inf"), (np.inf, "0 NaN and 1 Inf"),

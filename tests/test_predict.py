@@ -446,8 +446,10 @@ def test_a_rerun_that_fails_while_compressing_leaves_the_earlier_outputs_as_a_ma
         return real(src_path, target)
 
     monkeypatch.setattr(volumes, "_gzip_to_temp", disk_full_on_the_second)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(InputError) as info:
         predict_volume(src, gen, meta, out, samples=2, seed=2, preview=True)
+    assert str(info.value) == (f"{out / 'ear_var.nii.gz'}: cannot write the output (No space left on device); "
+                               "nothing was left in its place")
     assert len(calls) == 2
     assert sorted(os.listdir(out)) == sorted(before)  # no temporary left behind
     assert {name: (out / name).read_bytes() for name in before} == before

@@ -257,6 +257,21 @@ def test_changed_settings_are_refused_by_name_but_more_epochs_and_null_seeds_con
     assert (run / "config.yaml").read_text() == saved
 
 
+def test_a_resume_whose_data_moved_names_the_folder_and_the_flag_then_continues_from_the_new_place(
+        training_folders, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(training_folders[0].parent, data)
+    run = tmp_path / "run"
+    train(Config.from_dict(TINY), data / "lr", data / "hr", run, progress=False)
+    data.rename(tmp_path / "moved")
+    code, lines = _resume(run, "--epochs", "2")
+    assert code == 1 and lines == [f"Error: {data / 'lr'}: directory not found: it is this run's data folder in its "
+                                   "config.yaml; if the data moved, give its new place with --lr-dir"], lines
+    code, lines = _resume(run, "--epochs", "2", "--lr-dir", str(tmp_path / "moved" / "lr"),
+                          "--hr-dir", str(tmp_path / "moved" / "hr"))
+    assert code == 0 and any(line.startswith("Trained 4 steps (2 epochs)") for line in lines), lines
+
+
 def test_a_checkpoint_list_that_is_empty_or_names_a_missing_checkpoint_is_refused_not_started_over(
         training_folders, tmp_path):
     run = tmp_path / "run"

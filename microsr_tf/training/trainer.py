@@ -306,6 +306,11 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
     saved_cfg, facts = _check_run_dir(cfg, run_dir, resume)
     if saved_cfg is not None:  # folders not given again: the run's own
         cfg = _with_data_folders(cfg, cfg.data.lr_dir or saved_cfg.data.lr_dir, cfg.data.hr_dir or saved_cfg.data.hr_dir)
+        for flag, given, folder, saved in (("--lr-dir", lr_dir, cfg.data.lr_dir, saved_cfg.data.lr_dir),
+                                           ("--hr-dir", hr_dir, cfg.data.hr_dir, saved_cfg.data.hr_dir)):
+            if given is None and folder is not None and folder == saved and not os.path.isdir(folder):
+                raise InputError(folder, f"directory not found: it is this run's data folder in its {CONFIG_FILE}; "
+                                         f"if the data moved, give its new place with {flag}")
     check_outside(run_dir, (cfg.data.lr_dir, cfg.data.hr_dir, cfg.data.shards_dir))
     seeds = _resolve_seeds(cfg, facts)
     # the run's own config with the seeds it uses: config.yaml holds them, so that

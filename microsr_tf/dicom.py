@@ -61,6 +61,11 @@ class _SliceFile:
     def name(self) -> str:
         return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame + 1}"
 
+    @property
+    def where(self) -> str:
+        """``"frame N: "`` before a problem that a message names the file with, ``""`` for a whole file."""
+        return "" if self.frame is None else f"frame {self.frame + 1}: "
+
 
 class DicomSeries(Volume):
     """One DICOM series as a :class:`~microsr_tf.volumes.Volume`: same attributes, lazy slice reads.
@@ -236,40 +241,35 @@ def _frames(path: Path, ds: pydicom.Dataset) -> tuple[list[_SliceFile], np.ndarr
     Value Transformation; per frame, else shared); a legacy one by its top-level ImagePositionPatient,
     ImageOrientationPatient and PixelSpacing, frames SpacingBetweenSlices apart along the slice normal."""
     n = _n_frames(ds)
-    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
-    if enhanced and len(ds.get("PerFrameFunctionalGroupsSequence") or ()) not in (0, n):
+    if "PerFrameFunctionalGroupsSequence" not in ds and "SharedFunctionalGroupsSequence" not in ds:
+        gap = ds.get("SpacingBetweenSlices")
+        if not gap or float(gap) <= 0:
+            raise InputError(path, f"is a multi-frame image ({n} frames) without functional groups or a "
+                                   "positive SpacingBetweenSlices; the frames cannot be placed in space")
+        spacing = _floats(ds, "PixelSpacing", 2, path)
+        orientation = _floats(ds, "ImageOrientationPatient", 6, path)
+        x_row, x_col = _orientation(path, orientation)
+        origin, step = _floats(ds, "ImagePositionPatient", 3, path), np.cross(x_row, x_col) * float(gap)
+        slope, intercept = _rescale(ds)
+        return [_SliceFile(path, origin + frame * step, frame, slope, intercept) for frame in range(n)], \
+            spacing, orientation
+    if len(ds.get("PerFrameFunctionalGroupsSequence") or ()) not in (0, n):
         raise InputError(path, f"has {n} frames but {len(ds.PerFrameFunctionalGroupsSequence)} per-frame "
                                "functional groups")
     files, spacings, orientations = [], [], []
     for frame in range(n):
         where = f"frame {frame + 1}: "
-        if enhanced:
-            measures = _frame_item(ds, frame, "PixelMeasuresSequence")
-            plane = _frame_item(ds, frame, "PlaneOrientationSequence")
-            position = _frame_item(ds, frame, "PlanePositionSequence")
-            rescale = _frame_item(ds, frame, "PixelValueTransformationSequence") or ds
-            for item, sequence in ((measures, "PixelMeasuresSequence"), (plane, "PlaneOrientationSequence"),
-                                   (position, "PlanePositionSequence")):
-                if item is None:
-                    raise InputError(path, f"{where}lacks {sequence}; cannot place the frame in space")
-            spacings.append(_floats(measures, "PixelSpacing", 2, path, where))
-            orientations.append(_floats(plane, "ImageOrientationPatient", 6, path, where))
-            ipp = _floats(position, "ImagePositionPatient", 3, path, where)
-        else:
-            rescale = ds
-            spacings.append(_floats(ds, "PixelSpacing", 2, path))
-            orientations.append(_floats(ds, "ImageOrientationPatient", 6, path))
-            if frame == 0:
-                gap = ds.get("SpacingBetweenSlices")
-                if not gap or float(gap) <= 0:
-                    raise InputError(path, f"is a multi-frame image ({n} frames) without functional groups or a "
-                                           "positive SpacingBetweenSlices; the frames cannot be placed in space")
-                x_row, x_col = _orientation(path, orientations[0])
-                origin = _floats(ds, "ImagePositionPatient", 3, path)
-                step = np.cross(x_row, x_col) * float(gap)
-            ipp = origin + frame * step
-        slope = float(rescale.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(rescale.get("RescaleIntercept", 0.0) or 0.0)
+        measures = _frame_item(ds, frame, "PixelMeasuresSequence")
+        plane = _frame_item(ds, frame, "PlaneOrientationSequence")
+        position = _frame_item(ds, frame, "PlanePositionSequence")
+        for item, sequence in ((measures, "PixelMeasuresSequence"), (plane, "PlaneOrientationSequence"),
+                               (position, "PlanePositionSequence")):
+            if item is None:
+                raise InputError(path, f"{where}lacks {sequence}; cannot place the frame in space")
+        spacings.append(_floats(measures, "PixelSpacing", 2, path, where))
+        orientations.append(_floats(plane, "ImageOrientationPatient", 6, path, where))
+        ipp = _floats(position, "ImagePositionPatient", 3, path, where)
+        slope, intercept = _rescale(_frame_item(ds, frame, "PixelValueTransformationSequence") or ds)
         files.append(_SliceFile(path, ipp, frame, slope, intercept))
         if np.abs(spacings[-1] - spacings[0]).max() > 1e-6 * spacings[0].max():
             raise InputError(path, f"{where}PixelSpacing {_fmt(spacings[-1])} differs from frame 1's "
@@ -278,6 +278,11 @@ def _frames(path: Path, ds: pydicom.Dataset) -> tuple[list[_SliceFile], np.ndarr
             raise InputError(path, f"{where}ImageOrientationPatient {_fmt(orientations[-1])} differs from "
                                    f"frame 1's {_fmt(orientations[0])}")
     return files, spacings[0], orientations[0]
+
+
+def _rescale(ds: pydicom.Dataset) -> tuple[float, float]:
+    """``(RescaleSlope, RescaleIntercept)`` of a dataset or functional-group item; ``(1, 0)`` when absent."""
+    return float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)
 
 
 def _series_volume(folder: Path, files: list[_SliceFile], first: pydicom.Dataset, rows: int, columns: int,
@@ -386,9 +391,8 @@ def _slice_step(folder: Path, files: list[_SliceFile], normal: np.ndarray, first
     for k, f in enumerate(files):
         stray = float(np.linalg.norm(f.position - (files[0].position + k * step)))
         if stray > tol:
-            frame = "" if f.frame is None else f"frame {f.frame + 1}: "
-            raise InputError(f.path, f"{frame}ImagePositionPatient {_fmt(f.position)} lies {stray:.4g} mm off the line "
-                                     "through the other slices' positions")
+            raise InputError(f.path, f"{f.where}ImagePositionPatient {_fmt(f.position)} lies {stray:.4g} mm off "
+                                     "the line through the other slices' positions")
     return step
 
 

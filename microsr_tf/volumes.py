@@ -428,9 +428,10 @@ def find_volumes(directory: str | os.PathLike) -> list[Path]:
                                         "is one volume by itself)")
     found = sorted(p for p in entries if p.is_dir() or (p.is_file() and is_nifti_name(p)) or p in dicom)
     if not found:
-        other = next((p for p in sorted(entries) if other_format_problem(p)), None)
+        problems = ((p, other_format_problem(p)) for p in sorted(entries))
+        other, problem = next(((p, q) for p, q in problems if q), (None, None))
         if other is not None:
-            raise InputError(directory, f"holds no volume this tool reads: {other.name} {other_format_problem(other)}")
+            raise InputError(directory, f"holds no volume this tool reads: {other.name} {problem}")
         raise InputError(directory, "no .nii or .nii.gz volumes, DICOM series subfolders or multi-frame DICOM "
                                     "files found")
     return found

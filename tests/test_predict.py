@@ -301,6 +301,35 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir
     assert final_files(out) == []
 
 
+def test_the_gzip_crc_goes_unchecked_only_for_a_roi_short_of_the_last_slice_with_model_statistics(
+        tmp_path, model_dir):
+    """The README's limit of the CRC check. The per-scan statistics read the last slice, so a default run
+    checks the stream's end whatever its --roi; with --normalize model a --roi that stops before the last
+    slice never reads it, and a file whose damage lies in its last voxels is read: its slices are intact,
+    and the outputs equal those of the undamaged file."""
+    good = write_lr(tmp_path / "good.nii.gz")
+    raw = gzip.decompress(good.read_bytes())
+    packed = bytearray(gzip.compress(raw, compresslevel=0))
+    packed[packed.index(raw[-64:]) + 32] ^= 0xFF  # a voxel of the last slice; the stream still decodes
+    bad = tmp_path / "bad" / "good.nii.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(bytes(packed))
+    pooled = tmp_path / "pooled_run"  # the model with pooled LR statistics, for --normalize model
+    shutil.copytree(model_dir, pooled)
+    meta = json.loads((pooled / "generator.meta.json").read_text())
+    meta["lr_stats"] = IntensityStats(mean=100.0, std=300.0, low=-1.0, high=4.0).to_dict()
+    (pooled / "generator.meta.json").write_text(json.dumps(meta))
+    roi = ["-T", 2, "--seed", 1, "--roi", ":,:,0:3"]
+    result = run_cli([bad, "--model", model_dir, "--out-dir", tmp_path / "default", *roi])
+    assert result.exit_code == 1 and "corrupt gzip stream" in result.output
+    for src, out in ((good, tmp_path / "from_good"), (bad, tmp_path / "from_bad")):
+        result = run_cli([src, "--model", pooled, "--out-dir", out, *roi, "--normalize", "model"])
+        assert result.exit_code == 0, result.output
+    for key in ("mean", "var"):
+        np.testing.assert_array_equal(nib.load(tmp_path / "from_bad" / f"good_{key}.nii.gz").get_fdata(),
+                                      nib.load(tmp_path / "from_good" / f"good_{key}.nii.gz").get_fdata())
+
+
 def test_library_refusals_name_the_file(tmp_path, model):
     gen, meta = model
     src = write_lr(tmp_path / "ear.nii.gz")

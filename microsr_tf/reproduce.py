@@ -687,6 +687,7 @@ class Reproduction:
 
         from .models.artifact import save_generator
         from .models.cyclegan import float32_generator
+        from .training.checkpoints import CheckpointRing
         from .training.methods import build_method, method_data
 
         steps = self.preset.warmup_steps + 1
@@ -703,10 +704,10 @@ class Reproduction:
 
         scratch = Path(tempfile.mkdtemp(prefix=".warm-up-", dir=self.out))
         try:
-            manager = tf.train.CheckpointManager(tf.train.Checkpoint(**setup.checkpoint_objects), str(scratch), 1)
-            manager.save()  # the first save creates the files
+            ring = CheckpointRing(tf.train.Checkpoint(**setup.checkpoint_objects), scratch, 1)
+            ring.save(1)  # the first save creates the files
             began = time.perf_counter()
-            manager.save()
+            ring.save(2)
             checkpoint_s = time.perf_counter() - began
             generator = float32_generator(setup.generator)
             began = time.perf_counter()

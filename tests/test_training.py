@@ -206,18 +206,19 @@ def test_new_best_at_a_periodic_checkpoint_step_is_saved(tmp_path):
     import tensorflow as tf
 
     from microsr_tf.training.callbacks import CheckpointSaver
+    from microsr_tf.training.checkpoints import CheckpointRing
 
     class Model:  # what the callback reads of the model: the step counter and the stop flag
         optimizer = type("Opt", (), {"iterations": tf.Variable(0, dtype=tf.int64)})()
         stop_training = False
 
     best = tf.Variable(math.inf)
-    manager = tf.train.CheckpointManager(tf.train.Checkpoint(best=best), str(tmp_path), max_to_keep=3)
-    saver = CheckpointSaver(manager, every=5, best_cycle=best)
+    ring = CheckpointRing(tf.train.Checkpoint(best=best), tmp_path, keep=3)
+    saver = CheckpointSaver(ring, every=5, best_cycle=best)
     saver.set_model(Model())
     Model.optimizer.iterations.assign(5)
     saver.on_train_batch_end(4, {"cycle_loss": 0.5, "step/cycle_loss": 0.4})  # periodic save at step 5
     saver.on_epoch_end(0, {"cycle_loss": 0.5})  # same step, new best
     restored = tf.Variable(0.0)
-    tf.train.Checkpoint(best=restored).restore(manager.latest_checkpoint).expect_partial()
+    tf.train.Checkpoint(best=restored).restore(ring.latest_checkpoint).expect_partial()
     assert float(restored.numpy()) == 0.5

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from microsr_tf.models.cyclegan import STEP_PREFIX, CycleGAN
+from microsr_tf.training.checkpoints import CheckpointRing
 
 
 def global_step(model: CycleGAN) -> int:
@@ -73,13 +74,13 @@ class CheckpointSaver(keras.callbacks.Callback):
     (``resumed_mid_epoch``) continues them when its first epoch begins.
     """
 
-    def __init__(self, manager: tf.train.CheckpointManager, every: int, best_cycle: tf.Variable,
+    def __init__(self, ring: CheckpointRing, every: int, best_cycle: tf.Variable,
                  on_best: Callable[[], None] | None = None, best_key: str = "cycle_loss",
                  epoch_state: EpochMeanState | None = None, resumed_mid_epoch: bool = False):
         super().__init__()
         self.epoch_state = epoch_state
         self._reseed = resumed_mid_epoch and epoch_state is not None
-        self.manager = manager
+        self.ring = ring
         self.every = int(every)
         self.best_cycle = best_cycle
         self.on_best = on_best
@@ -100,7 +101,7 @@ class CheckpointSaver(keras.callbacks.Callback):
         if force or step != self._saved_step:
             if self.epoch_state is not None:
                 self.epoch_state.capture(self.model.metrics, step)
-            self.manager.save(checkpoint_number=step)
+            self.ring.save(step)
             self._saved_step = step
 
     def on_epoch_begin(self, epoch, logs=None):

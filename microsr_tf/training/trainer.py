@@ -48,6 +48,7 @@ from microsr_tf.models.cyclegan import float32_generator
 from microsr_tf.pipeline import TrainingData
 from microsr_tf.training.callbacks import (CheckpointSaver, EpochMeanState, ProgressBar, TensorBoardLogger,
                                           summary_writer)
+from microsr_tf.training.checkpoints import CheckpointRing
 from microsr_tf.training.methods import build_method, is_deterministic, method_data
 from microsr_tf.training.multiworker import custom_loop
 from microsr_tf.training.strategy import WorkerDir, check_batch_size, is_chief, is_multiworker, make_strategy
@@ -331,7 +332,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
     created = chief and not run_dir.exists()
     out = WorkerDir(run_dir, chief)
     out_dir = Path(out.path)
-    manager = None
+    ring = None
     try:
         make_output_dir(out_dir)
         if facts is None:
@@ -343,7 +344,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
             epoch_state = EpochMeanState(model.metrics)
         state = dict(best_cycle_loss=best_cycle, run_facts=RunFacts(**now), **setup.checkpoint_objects)
         checkpoint = tf.train.Checkpoint(**state, epoch_means=epoch_state)
-        manager = tf.train.CheckpointManager(checkpoint, str(out_dir / CHECKPOINT_DIR), KEEP_CHECKPOINTS)
+        ring = CheckpointRing(checkpoint, out_dir / CHECKPOINT_DIR, KEEP_CHECKPOINTS)
         if facts is not None:
             path = latest_checkpoint(run_dir)
             _restore(tf.train.Checkpoint(**state), path)
@@ -356,7 +357,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
         meta = generator_meta(cfg, data)
         best_path = run_dir / BEST_GENERATOR_FILE
         mid_epoch = facts is not None and int(model.optimizer.iterations.numpy()) % steps_per_epoch != 0
-        saver = CheckpointSaver(manager, tc.checkpoint_every, best_cycle, best_key=setup.best_loss,
+        saver = CheckpointSaver(ring, tc.checkpoint_every, best_cycle, best_key=setup.best_loss,
                                 epoch_state=epoch_state, resumed_mid_epoch=mid_epoch,
                                 on_best=(lambda: save_generator(float32_generator(setup.generator), best_path, meta))
                                 if chief else None)
@@ -393,7 +394,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
                            epochs=steps // steps_per_epoch, history=saver.history,
                            best_cycle_loss=float(best_cycle.numpy()), seeds=seeds)
     except BaseException:
-        if created and (manager is None or manager.latest_checkpoint is None):
+        if created and (ring is None or ring.latest_checkpoint is None):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:

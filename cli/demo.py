@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from microsr_tf.config import MAX_SAMPLES
+
 from ._common import user_errors
 
 
@@ -12,7 +14,7 @@ from ._common import user_errors
               help="Where the phantom, prediction (mean, variance, preview), evaluation report and report.json go.")
 @click.option("--model", default=None, type=click.Path(),
               help="Model to use instead of the bundled one (run dir, .keras or SavedModel).")
-@click.option("--samples", "-T", type=click.IntRange(min=2), default=100, show_default=True,
+@click.option("--samples", "-T", type=click.IntRange(min=2, max=MAX_SAMPLES), default=100, show_default=True,
               help="Monte Carlo dropout samples (the paper's T).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the phantom subject and of the dropout masks.")

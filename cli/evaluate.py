@@ -7,7 +7,7 @@ import time
 
 import click
 
-from ._common import FiniteFloat, user_errors
+from ._common import FiniteFloat, option_values, user_errors
 
 
 @click.command("evaluate")
@@ -32,7 +32,7 @@ from ._common import FiniteFloat, user_errors
               help="OpenCV matchShapes distance between log-scaled Hu moments (see README: Evaluation).")
 @click.option("--threshold", type=FiniteFloat(), default=None,
               help="Bone threshold in HR units for the Hu-moment segmentation. Default: Otsu per volume.")
-@click.option("--lr-psf-fwhm", type=FiniteFloat(min=0), default=0.0, show_default=True,
+@click.option("--lr-psf-fwhm", type=FiniteFloat(min=0, max=10), default=0.0, show_default=True,
               help="Scanner point spread function (FWHM in LR voxels) applied before averaging an output back "
                    "onto the LR grid for LR consistency; 0 = area averaging only.")
 @click.option("--axis", type=click.IntRange(-3, 2), default=-1, show_default=True,
@@ -48,9 +48,10 @@ def command(lr_path, hr_dir, pred_specs, paired_hr, out_dir, model, normalize, h
     from microsr_tf.evaluation import Settings, parse_predictions, plan_evaluation, run_and_write
     from microsr_tf.evaluation.evaluate import stale_report_folders
 
-    settings = Settings(axis=axis, hu_method=hu_distance, threshold=threshold, lr_psf_fwhm=lr_psf_fwhm,
-                        seed=seed).validate()
-    predictions = parse_predictions(pred_specs)
+    with option_values():
+        settings = Settings(axis=axis, hu_method=hu_distance, threshold=threshold, lr_psf_fwhm=lr_psf_fwhm,
+                            seed=seed).validate()
+        predictions = parse_predictions(pred_specs)
     plan = plan_evaluation(lr_path, hr_dir, predictions, out_dir, paired_hr=paired_hr, model=model, axis=axis,
                            overwrite=overwrite, normalize=normalize)
     stale = stale_report_folders(out_dir)

@@ -121,7 +121,7 @@ class _Progress:
 @click.option("--samples", "-T", "samples_text", default="100", show_default=True, metavar="T|auto",
               help="Monte Carlo dropout samples T per voxel (the paper uses 100). Each sample is one "
                    "stochastic pass of the part of the generator after its dropout layer (the part before "
-                   "it runs once), so prediction time grows about linearly with T. At least 2. 'auto': each "
+                   "it runs once), so prediction time grows about linearly with T. From 2 to 10000. 'auto': each "
                    "slice samples until its posterior mean and variance have converged (at most 100; the T "
                    "of every slice is reported).")
 @click.option("--seed", type=int, default=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import user_errors
+from ._common import option_values, user_errors
 
 
 @click.group("rating-study")
@@ -31,8 +31,10 @@ def command() -> None:
 @user_errors
 def make(lr_path: str, methods: tuple[str, ...], out_dir: str, n_slices: int, seed: int) -> None:
     """Write a blinded rating page: LR slice left, one method's result right, trials in random order."""
-    from microsr_tf.evaluation.rating_study import make_study
+    from microsr_tf.evaluation.rating_study import make_study, parse_method_names
 
+    with option_values():
+        parse_method_names(methods)
     result = make_study(lr_path, methods, out_dir, n_slices=n_slices, seed=seed,
                         progress=lambda message: click.echo(message, err=True))
     click.echo(f"study {result.study_id}: {result.n_trials} trials (slices {', '.join(map(str, result.slices))})")

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from microsr_tf.config import MAX_SAMPLES
 from microsr_tf.presets import PRESETS
 
 from ._common import user_errors
@@ -24,7 +25,7 @@ from ._common import user_errors
               help="Phantom size (see `microsr-tf phantom --help`).  [default: adult]")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seeds the phantoms, the weights and patch streams, the dropout masks and the evaluation.")
-@click.option("--samples", "-T", type=click.IntRange(min=2), default=100, show_default=True,
+@click.option("--samples", "-T", type=click.IntRange(min=2, max=MAX_SAMPLES), default=100, show_default=True,
               help="Monte Carlo samples of the CycleGAN's prediction (the baselines are deterministic: one pass).")
 @click.option("--preset", type=click.Choice(PRESETS), default="cpu", show_default=True,
               help="cpu: the CPU recipes in microsr_tf/presets/*.yaml. tiny: for tests and smoke runs only, a "

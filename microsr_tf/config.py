@@ -31,6 +31,7 @@ PRECISIONS = ("float32", "mixed_bfloat16")  # training: Keras dtype policies (fl
 INFERENCE_PRECISIONS = ("float32", "bfloat16")  # prediction: convolution precision of the Monte Carlo passes
 MAX_SEED = 2**31 - 1  # every seed ends up in int32 tensors (dropout seed rows, tf.data, stateless ops)
 MAX_SERVED_SAMPLES = 1000  # Monte Carlo samples one request to an exported model may ask for
+MAX_SAMPLES = 10_000  # Monte Carlo samples of a local prediction: a mistyped T would otherwise run for days
 METHODS = ("cyclegan", "unet", "srgan")  # the paper's model and its two supervised baselines
 
 

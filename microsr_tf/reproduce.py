@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from . import presets
-from .config import Config
+from .config import MAX_SAMPLES, Config
 from .errors import ConfigError, InputError, MicrosrError
 from .files import atomic_write_text
 from .phantoms import HELD_OUT_PROFILES, PROFILE_ROLE, PhantomSpec, get_spec, write_phantoms
@@ -197,8 +197,9 @@ def resolve_settings(size: str | None = None, seed: int = 0, samples: int = 100,
                              else "sizes " + ", ".join(choice.sizes)))
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"--seed must be an integer >= 0, got {seed!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
-        raise ConfigError(f"--samples must be an integer >= 2 (a variance needs two samples), got {samples!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or not 2 <= samples <= MAX_SAMPLES:
+        raise ConfigError(f"--samples must be an integer in [2, {MAX_SAMPLES}] (a variance needs two samples), "
+                          f"got {samples!r}")
     return RunSettings(size=size, seed=seed, samples=samples, preset=preset)
 
 

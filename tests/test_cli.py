@@ -120,8 +120,18 @@ def test_an_output_folder_that_is_a_file_is_exit_1_naming_it(tmp_path, args):
     ["rating-study", "make", "--lr", "a", "--method", "m=p", "--out", "o", "--seed", "-5"],
     ["predict", "x.nii.gz", "--model", "m", "--out-dir", "o", "--axis", "3"],
     ["predict", "x.nii.gz", "--server", "127.0.0.1:1", "--out-dir", "o", "--timeout", "inf"],
+    ["evaluate", "--lr", "a", "--hr-dir", "b", "--pred", "m=p", "--out", "o", "--lr-psf-fwhm", "1e6"],
+    ["evaluate", "--lr", "a", "--hr-dir", "b", "--pred", "=p", "--out", "o"],
+    ["evaluate", "--lr", "a", "--hr-dir", "b", "--pred", "p", "--out", "o"],
+    ["evaluate", "--lr", "a", "--hr-dir", "b", "--pred", "m=p", "--pred", "m=q", "--out", "o"],
+    ["evaluate", "--lr", "a", "--hr-dir", "b", "--pred", "bicubic=p", "--out", "o"],
+    ["rating-study", "make", "--lr", "a", "--method", "p", "--out", "o"],
+    ["rating-study", "make", "--lr", "a", "--method", "m=p", "--method", "m=q", "--out", "o"],
+    ["demo", "--samples", "10001"],
+    ["reproduce", "--out", "o", "--samples", "10001"],
 ])
 def test_out_of_range_option_values_are_usage_errors(args):
+    # a malformed value is exit 2 before any file is looked at: "a", "b", "p" and "q" do not exist
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "Usage:" in result.output and "Traceback" not in result.output, result.output
 

@@ -56,6 +56,17 @@ def one_line_error(result, *fragments):
     return lines[0]
 
 
+def usage_error(result, *fragments):
+    """A malformed option value: exit 2, click's usage lines, then one ``Error: ...`` line holding every
+    fragment, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[0].startswith("Usage: ") and "Traceback" not in result.output, result.output
+    assert lines[-1].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert str(fragment) in lines[-1], (fragment, lines[-1])
+
+
 # ---------------------------------------------------------------------------------------------- grids
 
 
@@ -298,8 +309,8 @@ def test_bad_inputs_are_refused_with_one_line_and_nothing_written(phantom_case, 
     out = tmp_path / "report"
     base = ["--lr", case["lr"], "--hr-dir", case["hr_dir"], "--out", out]
 
-    one_line_error(run_cli(base + ["--pred", "cyclegan"]), "--pred", "NAME=DIR")
-    one_line_error(run_cli(base + ["--pred", f"a={case['pred']}", "--pred", f"a={case['meanonly']}"]), "given twice")
+    usage_error(run_cli(base + ["--pred", "cyclegan"]), "--pred", "NAME=DIR")
+    usage_error(run_cli(base + ["--pred", f"a={case['pred']}", "--pred", f"a={case['meanonly']}"]), "given twice")
     empty = tmp_path / "empty"
     empty.mkdir()
     one_line_error(run_cli(["--lr", case["lr"], "--hr-dir", empty, "--out", out, "--pred", f"m={case['pred']}"]),
@@ -348,8 +359,8 @@ def test_bad_inputs_are_refused_with_one_line_and_nothing_written(phantom_case, 
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert last.startswith(f"Error: {neg_var / (case['stem'] + '_var.nii.gz')}: slice 0 holds negative values"), last
     # Method names become file names: two that differ only in case would collide on some disks.
-    one_line_error(run_cli(base + ["--pred", f"CG={case['pred']}", "--pred", f"cg={case['meanonly']}"]),
-                   "differ only in case")
+    usage_error(run_cli(base + ["--pred", f"CG={case['pred']}", "--pred", f"cg={case['meanonly']}"]),
+                "differ only in case")
 
     # An HR set at another pixel size.
     coarse = tmp_path / "coarse_hr"

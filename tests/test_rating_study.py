@@ -248,8 +248,12 @@ def test_make_refuses_bad_input_with_one_line_and_writes_nothing(inputs, tmp_pat
         args = make_args(lr, dirs, out, *extra)
     before = sorted(out.iterdir()) if out.is_dir() else (out.read_bytes() if out.exists() else None)
     result = run(*args)
-    assert result.exit_code != 0
+    usage = case in ("no_equals", "empty_name", "bad_name", "same_name")  # a malformed option value: exit 2
+    assert result.exit_code == (2 if usage else 1)
     lines = _lines(result)
+    if usage:
+        assert lines[0].startswith("Usage: ") and "Traceback" not in result.output
+        lines = lines[-1:]
     assert len(lines) == 1 and lines[0].startswith(f"Error: {expect}"), result.output
     after = sorted(out.iterdir()) if out.is_dir() else (out.read_bytes() if out.exists() else None)
     assert after == before  # nothing written

@@ -80,16 +80,12 @@ class StudyResult:
     page_bytes: int
 
 
-def parse_methods(specs: Sequence[str], lr_path: str | os.PathLike) -> list[Method]:
-    """``NAME=DIR`` strings -> methods whose ``DIR/<LR stem>_mean.nii.gz`` exists.
-
-    ConfigError for a malformed or repeated NAME or one prediction given under two names; InputError
-    naming the folder or file when a folder is missing or holds no prediction for the LR scan.
-    """
+def parse_method_names(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """``NAME=DIR`` strings -> ``(name, dir)`` pairs, checking their syntax alone (ConfigError): a malformed
+    or repeated NAME, or no spec at all."""
     if not specs:
         raise ConfigError("--method: give at least one NAME=DIR (a folder written by `microsr-tf predict`)")
-    stem = nifti_stem(lr_path)
-    methods: list[Method] = []
+    pairs: list[tuple[str, str]] = []
     for spec in specs:
         name, sep, directory = spec.partition("=")
         name = name.strip()
@@ -98,8 +94,21 @@ def parse_methods(specs: Sequence[str], lr_path: str | os.PathLike) -> list[Meth
         if not _NAME_RE.fullmatch(name):
             raise ConfigError(f"--method {spec!r}: NAME must be 1-40 letters, digits, spaces or _.+- "
                               "and start with a letter or digit")
-        if any(m.name == name for m in methods):
+        if any(other == name for other, _ in pairs):
             raise ConfigError(f"--method {spec!r}: method name {name!r} is given twice")
+        pairs.append((name, directory))
+    return pairs
+
+
+def parse_methods(specs: Sequence[str], lr_path: str | os.PathLike) -> list[Method]:
+    """``NAME=DIR`` strings -> methods whose ``DIR/<LR stem>_mean.nii.gz`` exists.
+
+    ConfigError for a malformed or repeated NAME or one prediction given under two names; InputError
+    naming the folder or file when a folder is missing or holds no prediction for the LR scan.
+    """
+    stem = nifti_stem(lr_path)
+    methods: list[Method] = []
+    for spec, (name, directory) in zip(specs, parse_method_names(specs)):
         folder = Path(directory)
         if not folder.exists():
             raise InputError(folder, f"folder of method {name!r} not found")

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from microsr_tf.config import MAX_SEED
+from microsr_tf.config import MAX_SAMPLES, MAX_SEED
 from microsr_tf.errors import ConfigError, InputError
 from microsr_tf.models.dropout import image_seeds
 from microsr_tf.models.generator import DOWNSCALE, with_precision
@@ -289,8 +289,9 @@ def resolve_samples(samples) -> tuple[int, AutoSamples | None]:
     if isinstance(samples, str) and samples.strip().lower() == "auto":
         auto = AutoSamples()
         return auto.max_samples, auto
-    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
-        raise ConfigError(f"Monte Carlo samples must be an integer >= 2 (variance needs two) or 'auto', got {samples!r}")
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or not 2 <= samples <= MAX_SAMPLES:
+        raise ConfigError(f"Monte Carlo samples must be an integer in [2, {MAX_SAMPLES}] (variance needs two) or "
+                          f"'auto', got {samples!r}")
     return int(samples), None
 
 
@@ -463,9 +464,11 @@ class MonteCarloPredictor:
         if not self.fits(height, width):
             what = f"with its {self.samples} samples kept for percentiles " if self.percentiles else ""
             need = self._image_bytes(height, width) / 2**20
+            budget = self.memory_budget_mb
+            shown = f"{budget:.0f}" if budget >= 1 else f"{budget:.2g}"
             raise ConfigError(
                 f"one {height}x{width} Monte Carlo pass {what}needs about {need:.0f} MB, over the memory budget of "
-                f"{self.memory_budget_mb:.0f} MB (memory_budget_mb / --memory-budget); raise the budget")
+                f"{shown} MB (memory_budget_mb / --memory-budget); raise the budget")
 
     # ----- prediction -----------------------------------------------------------------------------------
 

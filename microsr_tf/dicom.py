@@ -128,7 +128,11 @@ class DicomSeries(Volume):
         expected = (self.shape[1], self.shape[0])
         if values.shape != expected:
             raise InputError(path, f"pixel data has shape {values.shape}, expected {expected} (rows, columns)")
-        return np.asarray(values, dtype=np.float32).T
+        with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become Inf: _finite names them
+            return np.asarray(values, dtype=np.float32).T
+
+    def _scaling(self) -> str:
+        return "RescaleSlope/RescaleIntercept"
 
 
 def frame_count(path: str | os.PathLike) -> int:

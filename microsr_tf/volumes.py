@@ -71,6 +71,10 @@ def _normalize_axis(axis: int) -> int:
     return int(axis) % 3
 
 
+# Largest voxel magnitude accepted: bicubic overshoot and the statistics' sums of a float32 slice stay far
+# below float32's 3.4e38. No CT unit comes near it.
+MAX_MAGNITUDE = 1e30
+
 _MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}  # "unknown" is read as mm, as nibabel does
 
 
@@ -191,7 +195,8 @@ class Volume:
         return arr
 
     def _read_last(self, k: int) -> np.ndarray:
-        return self._read((slice(None), slice(None), k)).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become Inf: _finite names them
+            return self._read((slice(None), slice(None), k)).astype(np.float32)
 
     def _gather(self, ax: int, ks: Sequence[int]) -> np.ndarray:
         """Slices ``ks`` along axis 0 or 1, assembled from slabs of the last axis in one pass."""
@@ -203,14 +208,28 @@ class Volume:
         for z0 in range(0, nz, step):
             z1 = min(nz, z0 + step)
             slab = self._read((slice(None), slice(None), slice(z0, z1)))
-            out[:, :, z0:z1] = slab[idx] if ax == 0 else np.moveaxis(slab[:, idx], 1, 0)
+            with np.errstate(over="ignore", invalid="ignore"):
+                out[:, :, z0:z1] = slab[idx] if ax == 0 else np.moveaxis(slab[:, idx], 1, 0)
         return out
 
+    def _scaling(self) -> str:
+        """The file's intensity scaling, as its header names it (for messages)."""
+        slope, inter = self._spec[3], self._spec[4]
+        return f"scl_slope {slope:g}, scl_inter {inter:g}"
+
     def _finite(self, arr: np.ndarray, k: int, ax: int) -> np.ndarray:
+        """``arr`` when every voxel is finite and within :data:`MAX_MAGNITUDE`; else InputError saying which."""
         if not np.isfinite(arr).all():
             n_nan = int(np.isnan(arr).sum())
             n_inf = int(np.isinf(arr).sum())
+            if n_nan == 0 and self.dtype.kind in "iu":  # stored integers are finite: the scaling overflowed
+                raise InputError(self.path, f"the intensity scaling ({self._scaling()}) takes slice {k} along axis "
+                                            f"{ax} beyond the float32 range; the scaling is wrong")
             raise InputError(self.path, f"slice {k} along axis {ax} has {n_nan} NaN and {n_inf} Inf voxels")
+        peak = float(np.abs(arr).max())
+        if peak > MAX_MAGNITUDE:
+            raise InputError(self.path, f"slice {k} along axis {ax} has a voxel of magnitude {peak:.3g}; values "
+                                        f"beyond {MAX_MAGNITUDE:.0e} cannot be resampled in float32: rescale the image")
         return arr
 
 
@@ -259,8 +278,9 @@ def open_volume(path: str | os.PathLike) -> Volume:
         raise InputError(path, f"is {len(shape)}-D (shape {shape}); expected a 3-D volume")
     if len(shape) > 4:
         raise InputError(path, f"has {len(shape)} dimensions (shape {shape}); expected a 3-D volume")
-    if 0 in shape:
-        raise InputError(path, f"has a zero-length axis (shape {shape})")
+    if min(shape) <= 0:
+        raise InputError(path, f"has a {'zero-length' if 0 in shape else 'negative'} axis in its header's dim "
+                               f"(shape {shape})")
     if len(shape) == 4 and shape[3] != 1:
         raise InputError(path, f"is 4-D with {shape[3]} volumes (shape {shape}); expected a single 3-D volume")
     dtype = np.dtype(img.get_data_dtype())
@@ -665,7 +685,9 @@ def _output_header(shape: tuple[int, int, int], affine: np.ndarray, dtype: np.dt
     if template is not None:
         qcode, scode = int(template["qform_code"]), int(template["sform_code"])
         units = template.get_xyzt_units()
-        if qcode == 0 and scode == 0:  # the source relied on pixdim only; keep the resampled grid
+        if qcode == 0 and scode == 0 and not _is_base_affine(affine, shape):
+            # the source declares no orientation (readers place it by pixdim alone, each by its own rule);
+            # an output of the same extent stays so, a sub-grid (--roi) needs its place kept in nibabel's frame
             scode = 2
     qform = affine
     if template is not None and qcode > 0 and scode > 0:
@@ -679,6 +701,14 @@ def _output_header(shape: tuple[int, int, int], affine: np.ndarray, dtype: np.dt
     hdr.set_zooms(tuple(np.linalg.norm(affine[:3, :3], axis=0)))
     hdr.set_xyzt_units(*units)
     return hdr
+
+
+def _is_base_affine(affine: np.ndarray, shape: tuple[int, int, int]) -> bool:
+    """Whether ``affine`` is the one nibabel gives a ``shape`` grid without qform or sform (x flipped, centred)."""
+    hdr = Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_zooms(tuple(np.linalg.norm(affine[:3, :3], axis=0)))
+    return bool(np.allclose(hdr.get_base_affine(), affine, rtol=1e-6, atol=1e-5))
 
 
 def write_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,

@@ -235,7 +235,7 @@ def test_preview_std_percentiles_and_progress(tmp_path, model):
 @pytest.mark.parametrize("case", ["missing", "not_nifti", "other_scale", "not_coarser", "no_model",
                                   "one_sample", "roi_syntax", "roi_outside", "roi_empty", "bad_axis",
                                   "second_input_bad", "out_dir_is_file", "bad_model_meta", "over_budget",
-                                  "corrupt_gzip"])
+                                  "corrupt_gzip", "huge_voxel", "too_many_samples"])
 def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir, case):
     good = write_lr(tmp_path / "good.nii.gz")
     out = tmp_path / "out"
@@ -255,7 +255,7 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir
     elif case == "no_model":
         args[2], expect = tmp_path / "missing_run", ["missing_run"]
     elif case == "one_sample":
-        args[6], expect = 1, ["samples", ">= 2"]
+        args[6], expect = 1, ["samples", "[2, 10000]", "got 1"]
     elif case == "roi_syntax":
         args += ["--roi", "0:4,2"]
         expect = ["--roi"]
@@ -280,6 +280,13 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir
         packed[packed.index(raw[-64:]) + 32] ^= 0xFF
         good.write_bytes(bytes(packed))
         expect = ["good.nii.gz", "corrupt gzip stream", "CRC"]
+    elif case == "huge_voxel":  # finite, but float32 arithmetic downstream would overflow
+        data = np.asarray(nib.load(good).dataobj, np.float32)
+        data[3, 4, 5] = 3e38
+        nib.save(nib.Nifti1Image(data, nib.load(good).affine), good)
+        expect = ["good.nii.gz", "magnitude 3e+38"]
+    elif case == "too_many_samples":  # a mistyped T would run for days
+        args[6], expect = 100000, ["samples", "[2, 10000]"]
     elif case == "over_budget":  # refused before any output is written
         args += ["--memory-budget", "0.01"]
         expect = ["needs about", "memory budget"]
@@ -291,14 +298,17 @@ def test_bad_input_is_refused_in_one_line_and_writes_nothing(tmp_path, model_dir
         (broken / "generator.meta.json").write_text(json.dumps({**meta, "hr_stats": {"mean": 1.0}}))
         args[2], expect = broken, ["generator.meta.json", "hr_stats", "lack std"]
     result = run_cli(args)
-    usage = case in ("one_sample", "roi_syntax", "bad_axis")  # option values: a usage error, exit 2
+    usage = case in ("one_sample", "roi_syntax", "bad_axis", "too_many_samples")  # option values: exit 2
     assert result.exit_code == (2 if usage else 1)
     assert "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()[-1 if usage else 0:]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     for text in expect:
         assert text in lines[0], lines[0]
-    assert final_files(out) == []
+    if case == "out_dir_is_file":
+        assert out.read_text() == ""
+    else:
+        assert not out.exists()  # not even an empty folder: it was made for outputs that never came
 
 
 def test_the_gzip_crc_goes_unchecked_only_for_a_roi_short_of_the_last_slice_with_model_statistics(
@@ -452,6 +462,43 @@ def test_qform_and_sform_that_differ_each_keep_their_own_space(tmp_path, model):
     lr[:, :2] = (lr[:, :2] + 0.5) / FACTOR - 0.5  # the LR continuous index of each HR voxel centre
     assert np.abs(world(out.get_qform(), hr) - world(scanner, lr)).max() < 1e-3
     assert np.abs(world(out.get_sform(), hr) - world(template, lr)).max() < 1e-4
+
+
+def test_a_scan_without_qform_or_sform_gives_outputs_without_them_and_an_roi_keeps_its_place(tmp_path, model):
+    # A file with both codes 0 is placed by pixdim alone, each reader by its own rule (nibabel: x flipped and
+    # centred; ITK and FSL: voxel 0 at the origin). Writing nibabel's rule into the output as an sform made
+    # the output claim an orientation the input never had: other readers then saw them apart.
+    gen, meta = model
+    data = np.asarray(nib.load(write_lr(tmp_path / "plain.nii.gz")).dataobj)
+    img = nib.Nifti1Image(data, None)
+    img.header.set_zooms((0.4, 0.4, 0.8))
+    img.header.set_qform(None, code=0)
+    img.header.set_sform(None, code=0)
+    nib.save(img, tmp_path / "bare.nii.gz")
+    bare = nib.load(tmp_path / "bare.nii.gz").affine  # nibabel's rule for the input
+    assert bare[0, 0] < 0 and abs(bare[0, 3]) > 1  # flipped and centred: not the sform a reader would invent
+
+    def lr_index(hr, offset=(0, 0)):
+        lr = np.asarray(hr, np.float64).copy()
+        lr[:, :2] = (lr[:, :2] + 0.5) / FACTOR - 0.5 + np.asarray(offset)
+        return lr
+
+    res = predict_volume(tmp_path / "bare.nii.gz", gen, meta, tmp_path / "out", samples=2, seed=0)
+    out = nib.load(res.outputs["mean"])
+    assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (0, 0)
+    np.testing.assert_allclose(out.header.get_zooms(), (0.1, 0.1, 0.8), rtol=1e-6)
+    hr = all_voxels(out.shape)[::7]
+    assert np.abs(world(out.affine, hr) - world(bare, lr_index(hr))).max() < 1e-4  # same place, same rule
+    # ITK/FSL's rule puts voxel 0 of either file at the origin: the HR grid starts 3/8 of an LR voxel early,
+    # as any upsampling written without orientation does; nothing is flipped or moved by half the field
+
+    # a sub-volume cannot be placed by pixdim alone: it keeps its place in nibabel's frame, as an aligned sform
+    part = predict_volume(tmp_path / "bare.nii.gz", gen, meta, tmp_path / "roi", samples=2, seed=0,
+                          roi=((2, 7), (3, 9), (None, None)))
+    roi = nib.load(part.outputs["mean"])
+    assert (int(roi.header["qform_code"]), int(roi.header["sform_code"])) == (0, 2)
+    hr = all_voxels(roi.shape)[::7]
+    assert np.abs(world(roi.affine, hr) - world(bare, lr_index(hr, (2, 3)))).max() < 1e-4
 
 
 def test_a_rerun_that_fails_while_compressing_leaves_the_earlier_outputs_as_a_matching_set(tmp_path, model,

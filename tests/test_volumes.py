@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import struct
 import tracemalloc
+import warnings
 
 import cv2
 import nibabel as nib
@@ -235,6 +237,13 @@ def _zero_axis(p, rng):
     save(p, np.zeros((4, 0, 3), np.float32))
 
 
+def _negative_axis(p, rng):
+    save(p, np.zeros((4, 4, 3), np.float32))
+    raw = bytearray(p.read_bytes())
+    struct.pack_into("<8h", raw, 40, 3, 4, 4, -3, 1, 1, 1, 1)  # dim[3] = -3: nibabel reads the shape as given
+    p.write_bytes(bytes(raw))
+
+
 def _complex(p, rng):
     save(p, np.zeros((4, 4, 3), np.complex64))
 
@@ -293,6 +302,7 @@ def _zero_spacing(p, rng):
     ("two_d.nii", _two_d, "is 2-D"),
     ("five_d.nii.gz", _five_d, "has 5 dimensions"),
     ("zero.nii", _zero_axis, "zero-length axis"),
+    ("negative.nii", _negative_axis, "negative axis in its header's dim (shape (4, 4, -3))"),
     ("complex.nii", _complex, "unsupported voxel type complex64"),
     ("rgb.nii", _rgb, "unsupported voxel type"),
     ("noise.nii", _random_bytes, "not a readable NIfTI file"),
@@ -381,6 +391,40 @@ def test_a_micro_ct_slice_stack_says_to_convert_it_with_its_voxel_size(tmp_path,
         volumes.find_volumes(stack)
     assert_one_line_naming(exc, stack)
     assert exc.value.problem.startswith(f"holds no volume this tool reads: rec_0000.tif {hint}")
+
+
+def test_voxels_beyond_float32_arithmetic_are_refused_by_size_without_warnings(tmp_path, rng):
+    # every voxel finite, but bicubic overshoot and the statistics would overflow float32 downstream
+    data = rng.normal(size=(6, 5, 4)).astype(np.float32)
+    data[2, 3, 1] = 3e38
+    src = save(tmp_path / "huge.nii.gz", data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vol = open_volume(src)
+        vol.read_slice(0)
+        with pytest.raises(InputError) as exc:
+            vol.read_slice(1)
+    assert_one_line_naming(exc, src)
+    assert exc.value.problem == ("slice 1 along axis 2 has a voxel of magnitude 3e+38; values beyond 1e+30 cannot "
+                                 "be resampled in float32: rescale the image")
+    data[2, 3, 1] = -1e29  # large, yet far from overflowing: read as it is
+    np.testing.assert_array_equal(open_volume(save(tmp_path / "large.nii.gz", data)).read_slice(1), data[:, :, 1])
+
+
+@pytest.mark.parametrize("axis", [2, 0])
+def test_a_scaling_that_overflows_float32_is_named_as_the_scaling(tmp_path, rng, axis):
+    raw = rng.integers(-1000, 3000, size=(6, 5, 4)).astype(np.int16)
+    img = nib.Nifti1Image(raw, np.eye(4))
+    img.header.set_slope_inter(1e38, 0.0)  # int16 values times 1e38 pass float32's 3.4e38
+    src = tmp_path / "slope.nii"
+    nib.save(img, src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the overflowing cast is not printed: the message says it
+        with pytest.raises(InputError) as exc:
+            open_volume(src).read_slice(0, axis=axis)
+    assert_one_line_naming(exc, src)
+    assert exc.value.problem == (f"the intensity scaling (scl_slope 1e+38, scl_inter 0) takes slice 0 along axis {axis} "
+                                 "beyond the float32 range; the scaling is wrong")
 
 
 @pytest.mark.parametrize("bad, label", [(np.nan, "1 NaN and 0 Inf"), (np.inf, "0 NaN and 1 Inf"),

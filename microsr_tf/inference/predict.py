@@ -13,7 +13,7 @@ import math
 import os
 import re
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -302,18 +302,21 @@ def predict_volume(
         def engine(image: np.ndarray, slice_seed_: int) -> MCResult:
             predictor.seed = slice_seed_
             return predict_slice(predictor, image, mode=stitch)
-    make_output_dir(out_dir)
 
-    start = time.perf_counter()
-    vol, ax, ks = plan.volume, plan.axis, plan.slices
-    lr_stats = input_stats(plan.stats_volume(), ax, plan.factors, meta, normalize)
-    hr_stats = IntensityStats.from_dict(meta["hr_stats"])
-    (i0, i1), (j0, j1) = [r for d, r in enumerate(plan.roi) if d != ax]
-    middle = ks[len(ks) // 2]
-    panel = None
-    convergence: dict[str, float] = {}
-    slice_samples = []
+    existed = os.path.isdir(out_dir)
+    make_output_dir(out_dir)
     with ExitStack() as stack:
+        if not existed:  # an input refused as it is read leaves no empty folder behind
+            stack.push(lambda kind, exc, tb: _remove_empty(out_dir) if kind is not None else None)
+        start = time.perf_counter()
+        vol, ax, ks = plan.volume, plan.axis, plan.slices
+        lr_stats = input_stats(plan.stats_volume(), ax, plan.factors, meta, normalize)
+        hr_stats = IntensityStats.from_dict(meta["hr_stats"])
+        (i0, i1), (j0, j1) = [r for d, r in enumerate(plan.roi) if d != ax]
+        middle = ks[len(ks) // 2]
+        panel = None
+        convergence: dict[str, float] = {}
+        slice_samples = []
         notes = _descriptions(plan, meta, generator)
         writers = {key: stack.enter_context(VolumeWriter(path, plan.out_shape, plan.out_affine, axis=ax,
                                                          header=vol.header, description=notes.get(key, notes[""])))
@@ -350,6 +353,12 @@ def predict_volume(
         slices_per_s=len(ks) / seconds if seconds > 0 else math.inf, convergence=convergence,
         resampling=plan.resampling.to_dict() if plan.resampling else None, slice_samples=tuple(slice_samples),
         auto=resolve_samples(samples)[1] is not None)
+
+
+def _remove_empty(folder: str | os.PathLike) -> None:
+    """Remove ``folder`` if it is empty (a folder this run created and wrote nothing into)."""
+    with suppress(OSError):
+        os.rmdir(folder)
 
 
 def is_featureless(image: np.ndarray) -> bool:

@@ -432,6 +432,9 @@ def scanner_note(version_dir: str | os.PathLike) -> str | None:
     meta = read_meta(Path(version_dir) / "assets.extra" / META_FILE)
     if "mc_scanner" in meta.get("signatures", ()):
         return None
+    if meta.get("method", "cyclegan") != "cyclegan":  # a supervised baseline reads no LR scans in training
+        return (f"exported without the mc_scanner signature: a {meta['method']} baseline stores no LR statistics; "
+                "its clients send slices already normalised, as the serving README shows")
     return ("exported without the mc_scanner signature: the model's metadata has no lr_stats (trained before "
             "they were recorded); retrain it to serve slices in scanner units")
 

@@ -271,6 +271,8 @@ def test_train_resume_predict_export_end_to_end(method, phantoms, tmp_path):
 
     code, text = _run("export", "--model", str(run), "--out", str(exported), "--samples", "7")
     assert code == 0, text
+    # a baseline reads no LR scans in training: no retraining gives it LR statistics, so none is suggested
+    assert f"a {method} baseline stores no LR statistics" in text and "retrain" not in text
     _, exported_meta = load_model(exported)
     assert exported_meta["deterministic"] is True and exported_meta["method"] == method
     x = np.random.default_rng(0).random((2, 36, 44, 1), dtype=np.float32)

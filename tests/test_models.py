@@ -379,6 +379,13 @@ def test_artifact_input_errors(rng, tmp_path):
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(InputError, match="no generator.keras"):
         load_generator(tmp_path / "empty_run")
+    (tmp_path / "training" / "checkpoints").mkdir(parents=True)  # a run still training: says so
+    with pytest.raises(InputError, match="this training run has not finished: no generator.keras yet") as exc:
+        load_generator(tmp_path / "training")
+    assert "generator_best" not in str(exc.value)
+    (tmp_path / "training" / "generator_best.keras").write_bytes(b"")
+    with pytest.raises(InputError, match="generator_best.keras holds the best epoch so far"):
+        load_generator(tmp_path / "training")
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "saved_model.pb").write_bytes(b"")
     with pytest.raises(InputError, match="SavedModel"):

@@ -105,6 +105,11 @@ def generator_file(path: str | os.PathLike) -> str:
             if os.path.isfile(os.path.join(path, "saved_model.pb")):
                 raise InputError(path, "is a SavedModel export; load it with microsr_tf.inference, "
                                        "not as a Keras generator")
+            if os.path.isdir(os.path.join(path, "checkpoints")):  # a run still training, or stopped mid-way
+                best = os.path.join(path, "generator_best.keras")
+                hint = f"; {best} holds the best epoch so far" if os.path.isfile(best) else ""
+                raise InputError(path, f"this training run has not finished: no {GENERATOR_FILE} yet (resume it "
+                                       f"with `microsr-tf train --out {path} --resume`){hint}")
             raise InputError(path, f"no {GENERATOR_FILE} in this directory (expected a training run "
                                    "directory or a .keras file)")
     if not model_path.endswith(".keras") or not zipfile.is_zipfile(model_path):

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from microsr_tf.config import INFERENCE_PRECISIONS, MAX_SERVED_SAMPLES
+from microsr_tf.config import INFERENCE_PRECISIONS, MAX_SAMPLES, MAX_SERVED_SAMPLES
 from microsr_tf.errors import ConfigError, InputError
 
 from ._common import FiniteFloat, option_values, user_errors
@@ -59,9 +59,12 @@ def parse_samples(text: str) -> int | str:
     if text.strip().lower() == "auto":
         return "auto"
     try:
-        return int(text)
+        samples = int(text)
     except ValueError:
         raise ConfigError(f"--samples: expected a whole number of Monte Carlo samples or 'auto', got {text!r}") from None
+    if not 2 <= samples <= MAX_SAMPLES:  # time grows linearly with T: a mistyped T would run for days
+        raise ConfigError(f"--samples must be in [2, {MAX_SAMPLES}] (a variance needs two), got {samples}")
+    return samples
 
 
 def _read_token(token_file: str | None) -> str | None:

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from microsr_tf.config import MAX_SAMPLES, MAX_SEED
+from microsr_tf.config import MAX_SEED
 from microsr_tf.errors import ConfigError, InputError
 from microsr_tf.models.dropout import image_seeds
 from microsr_tf.models.generator import DOWNSCALE, with_precision
@@ -289,9 +289,8 @@ def resolve_samples(samples) -> tuple[int, AutoSamples | None]:
     if isinstance(samples, str) and samples.strip().lower() == "auto":
         auto = AutoSamples()
         return auto.max_samples, auto
-    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or not 2 <= samples <= MAX_SAMPLES:
-        raise ConfigError(f"Monte Carlo samples must be an integer in [2, {MAX_SAMPLES}] (variance needs two) or "
-                          f"'auto', got {samples!r}")
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
+        raise ConfigError(f"Monte Carlo samples must be an integer >= 2 (variance needs two) or 'auto', got {samples!r}")
     return int(samples), None
 
 

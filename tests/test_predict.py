@@ -408,7 +408,17 @@ def test_sigterm_mid_run_removes_the_temporaries_as_ctrl_c_does(tmp_path, model_
     code = signal_when(proc, lambda: any(f.endswith(".part") for f in (os.listdir(out) if out.is_dir() else [])),
                        timeout=120, waiting_for="prediction output being written", sig=signal.SIGTERM, settle=1.0)
     assert code == 1
-    assert os.listdir(out) == []  # no result, and no hidden temporary either
+    assert not out.exists()  # no result, no hidden temporary, and not the folder this run made
+
+    out.mkdir()  # a folder the user made stays, empty
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from microsr_tf.cli.main import main; main()", "predict", str(src), "--model",
+         str(model_dir), "--out-dir", str(out), "-T", "4", "--seed", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    code = signal_when(proc, lambda: any(f.endswith(".part") for f in os.listdir(out)),
+                       timeout=120, waiting_for="prediction output being written", sig=signal.SIGTERM, settle=1.0)
+    assert code == 1
+    assert os.listdir(out) == []
 
 
 def test_an_output_that_would_replace_an_input_or_land_on_a_folder_is_refused_before_any_work(tmp_path, model_dir):

@@ -429,7 +429,9 @@ def find_volumes(directory: str | os.PathLike) -> list[Path]:
 
     Each ``.nii``/``.nii.gz`` file directly in ``directory`` is one volume, and so is each subfolder,
     which must hold one DICOM series (checked when it is opened), and each multi-frame DICOM file.
-    Other files are ignored; single-slice DICOM files directly in the folder are refused with a hint.
+    Other files are ignored; single-slice DICOM files directly in the folder are refused with a hint, and
+    so is a broken link where a volume would be (a NIfTI or ``.dcm`` name, or no suffix: a series folder),
+    rather than training on one volume fewer without a word.
     """
     directory = Path(directory)
     if not directory.exists():
@@ -437,6 +439,11 @@ def find_volumes(directory: str | os.PathLike) -> list[Path]:
     if not directory.is_dir():
         raise InputError(directory, "not a directory")
     entries = [p for p in directory.iterdir() if not p.name.startswith(".")]
+    broken = sorted(p for p in entries if p.is_symlink() and not p.exists()
+                    and (is_nifti_name(p) or p.suffix.lower() in ("", ".dcm")))
+    if broken:
+        raise InputError(broken[0], f"is a broken link (to {os.readlink(broken[0])}, which does not exist); "
+                                    "point it at the volume or remove it")
     dicom = [p for p in entries if p.is_file() and not is_nifti_name(p) and _has_dicom_marker(p)]
     if dicom:
         from .dicom import frame_count  # pydicom is imported only when a folder holds DICOM files

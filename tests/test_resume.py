@@ -22,7 +22,7 @@ from microsr_tf.cli.main import cli
 from microsr_tf.config import Config, DataConfig
 from microsr_tf.models.artifact import load_generator
 from microsr_tf.pipeline import make_training_data, prepare_shards
-from microsr_tf.training.trainer import latest_checkpoint, train
+from microsr_tf.training.trainer import RunFacts, latest_checkpoint, read_run_settings, train
 
 from processes import sigkill_after_line  # tests/processes.py
 
@@ -47,6 +47,9 @@ def _assert_same_state(a: str, b: str, atol: float = 1e-6, skip: tuple[str, ...]
     assert len(ta) > 100  # four networks, two optimizers with their slots, pools, step counters, run facts
     for name in ta:
         if name.startswith(skip):
+            continue
+        if isinstance(ta[name], bytes):  # the run's recorded settings (JSON text)
+            assert ta[name] == tb[name], name
             continue
         np.testing.assert_allclose(np.asarray(ta[name], np.float64), np.asarray(tb[name], np.float64),
                                    atol=atol, rtol=0, err_msg=name)
@@ -286,9 +289,62 @@ def test_a_checkpoint_list_that_is_empty_or_names_a_missing_checkpoint_is_refuse
         assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir() if p.name != "checkpoint"} == kept
 
 
+def test_an_emptied_or_cut_config_yaml_is_refused_not_resumed_with_defaults(training_folders, tmp_path):
+    run = tmp_path / "run"
+    train(Config.from_dict(TINY), *training_folders, run, progress=False)
+    kept = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    text = (run / "config.yaml").read_text()
+    for damaged, missing in [("", "data/model/train sections"), (text[:text.index("\nmodel:")], "model/train sections"),
+                             (text[:text.index("\ntrain:")], "train section")]:
+        (run / "config.yaml").write_text(damaged)
+        code, lines = _resume(run, "--epochs", "2")
+        assert code == 1 and lines == [f"Error: {run / 'config.yaml'}: has no {missing}, which every run writes; "
+                                       "restore this run's config.yaml or start a new run"], lines
+        assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == kept
+
+
 def test_more_epochs_are_refused_once_the_learning_rate_decays(training_folders, tmp_path):
     run = tmp_path / "run"
     cfg = Config.from_dict(TINY).override({"train": {"epochs": 2, "steps_per_epoch": 1, "decay_start_epoch": 1}})
     train(cfg, *training_folders, run, progress=False)
     code, lines = _resume(run, "--epochs", "3")
     assert code == 1 and len(lines) == 1 and "train.epochs was 2" in lines[0] and "decaying" in lines[0], lines
+
+
+def test_a_hand_edited_config_or_other_scans_with_the_same_patch_counts_are_refused_by_the_checkpoint(
+        training_folders, tmp_path):
+    """config.yaml is a text file: the checkpoint itself records the settings and the data's statistics."""
+    import nibabel as nib
+
+    lr, hr = training_folders
+    run = tmp_path / "run"
+    train(Config.from_dict(TINY), lr, hr, run, progress=False)
+    latest = latest_checkpoint(run)
+    text = (run / "config.yaml").read_text()
+    edited = yaml.safe_load(text)
+    edited["train"]["lambda_rec"] = 5.0
+    (run / "config.yaml").write_text(yaml.safe_dump(edited))
+    code, lines = _resume(run, "--epochs", "2")
+    assert code == 1 and lines == [f"Error: {latest}: train.lambda_rec was 10.0 when this run wrote this checkpoint "
+                                   "and is 5.0 now (config.yaml was edited?); that changes what the resumed steps "
+                                   "compute, so keep 10.0 or start a new run"], lines
+    (run / "config.yaml").write_text(text)
+
+    brighter = tmp_path / "brighter"  # the same anatomy at other intensities: the same patch counts
+    brighter.mkdir()
+    for path in sorted(hr.iterdir()):
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32) * 2 + 100, img.affine), brighter / path.name)
+    code, lines = _resume(run, "--epochs", "2", "--hr-dir", str(brighter))
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"Error: {run / 'config.yaml'}: the data now give HR intensities of mean "), lines
+    assert "but this run was trained with a mean of" in lines[0] and "point --lr-dir/--hr-dir" in lines[0], lines
+    assert (run / "config.yaml").read_text() == text
+
+    code, lines = _resume(run, "--epochs", "2")  # the run's own settings and data continue
+    assert code == 0 and any(line.startswith("Trained 4 steps (2 epochs)") for line in lines), lines
+
+    older = tmp_path / "older"  # a checkpoint written before the settings were recorded
+    tf.train.Checkpoint(run_facts=RunFacts(train_seed=1)).write(str(older / "ckpt"))
+    assert read_run_settings(str(older / "ckpt")) is None
+    assert read_run_settings(latest_checkpoint(run))["settings"]["train.lambda_rec"] == 10.0

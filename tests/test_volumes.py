@@ -487,6 +487,17 @@ def test_find_volumes_refusals(tmp_path):
     with pytest.raises(InputError) as exc:
         find_volumes(tmp_path / "empty")
     assert_one_line_naming(exc, tmp_path / "empty")
+    links = tmp_path / "links"  # a volume's link whose target is gone is refused, not skipped
+    links.mkdir()
+    (links / "a.nii.gz").write_bytes(b"x")
+    os.symlink(tmp_path / "moved" / "readme.txt", links / "readme.txt")  # not a volume's name: ignored
+    assert find_volumes(links) == [links / "a.nii.gz"]
+    for name in ("b.nii.gz", "series", "ear.DCM"):
+        os.symlink(tmp_path / "moved" / name, links / name)
+        with pytest.raises(InputError, match="is a broken link") as exc:
+            find_volumes(links)
+        assert_one_line_naming(exc, links / name)
+        os.unlink(links / name)
 
 
 def test_nifti_stem():

@@ -8,7 +8,8 @@ Layout of ``RUN_DIR``::
     logs/                  TensorBoard: step and epoch losses, learning rate, image panels
     checkpoints/           full training state: weights, optimizers (step counter, learning-rate
                            schedule), best loss, image pools, and the run's fixed facts (seeds actually
-                           used, steps per epoch, patch counts)
+                           used, steps per epoch, patch counts, the settings a resume must keep, the
+                           data's intensity statistics)
     generator.keras        G_L (or the baseline's generator) at the end of training (+
                            generator.meta.json), float32 whatever train.precision was
     generator_best.keras   the generator after the epoch with the lowest mean cycle loss (baselines:
@@ -29,6 +30,7 @@ before its first checkpoint removes the directory it created.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -38,6 +40,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+import yaml
 
 from microsr_tf.config import MAX_SEED, Config
 from microsr_tf.degradation import PairedData
@@ -72,6 +75,7 @@ RESUME_MAY_CHANGE = frozenset({
     "train.n_val_patches", "train.mc_samples_val",
 })
 RUN_FACTS = ("train_seed", "data_seed", "steps_per_epoch", "lr_patches", "hr_patches")
+STATS_RTOL = 1e-6  # the same files give the same statistics; this only absorbs summation order
 
 
 class TrainingDiverged(MicrosrError):
@@ -103,6 +107,44 @@ class RunFacts(tf.Module):
 
     def values(self) -> dict[str, int]:
         return {name: int(getattr(self, name).numpy()) for name in RUN_FACTS}
+
+
+class RunSettings(tf.Module):
+    """The settings that fix a run's course (all but :data:`RESUME_MAY_CHANGE`) and its data's intensity
+    statistics, as JSON, kept in every checkpoint: a resume checks them against the checkpoint itself,
+    since ``config.yaml`` is a text file that can be edited. Checkpoints written without it resume unchecked."""
+
+    def __init__(self, text: str = ""):
+        super().__init__(name="run_settings")
+        self.text = tf.Variable(text, dtype=tf.string, trainable=False, name="text")
+
+
+def course_settings(cfg: Config) -> dict[str, object]:
+    """``{"section.field": value}`` of every setting a resume must keep, as JSON values."""
+    return {key: json.loads(json.dumps(value)) for key, value in _settings(cfg).items() if key not in RESUME_MAY_CHANGE}
+
+
+def _settings(cfg: Config) -> dict[str, object]:
+    return {f"{section}.{f.name}": getattr(getattr(cfg, section), f.name)
+            for section in ("data", "model", "train") for f in dataclasses.fields(getattr(cfg, section))}
+
+
+def data_statistics(data: TrainingData | PairedData) -> dict[str, dict[str, float] | None]:
+    """The intensity statistics of a run's data: another set of scans with the same patch counts differs here."""
+    return {"hr_stats": data.hr_stats.to_dict(), "lr_stats": None if data.lr_stats is None else data.lr_stats.to_dict()}
+
+
+def read_run_settings(path: str) -> dict | None:
+    """The :class:`RunSettings` stored in checkpoint ``path`` (``{"settings": ..., "data": ...}``), or None
+    for a checkpoint written without them."""
+    settings = RunSettings()
+    try:
+        tf.train.Checkpoint(run_settings=settings).restore(path).expect_partial()
+        text = settings.text.numpy().decode("utf-8")
+        return json.loads(text) if text else None
+    except (tf.errors.OpError, ValueError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(path, f"cannot read this checkpoint's settings ({first})") from None
 
 
 def read_run_facts(path: str) -> dict[str, int]:
@@ -171,43 +213,64 @@ def generator_meta(cfg: Config, data: TrainingData | PairedData) -> dict:
     }
 
 
-def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> tuple[Config | None, dict[str, int] | None]:
+def _check_run_dir(cfg: Config, run_dir: Path,
+                   resume: bool) -> tuple[Config | None, dict[str, int] | None, dict | None]:
     """A fresh run needs an absent or empty directory; a resumed one its ``config.yaml`` and the same
-    settings, but for :data:`RESUME_MAY_CHANGE`. Returns the saved config (on resume) and the newest
-    checkpoint's :class:`RunFacts` values (None when a run was stopped before its first checkpoint:
-    it starts again from step 0)."""
+    settings, but for :data:`RESUME_MAY_CHANGE`, as both that file and the newest checkpoint record them.
+    Returns the saved config (on resume), the newest checkpoint's :class:`RunFacts` values (None when a
+    run was stopped before its first checkpoint: it starts again from step 0) and its
+    :class:`RunSettings` (None where it has none)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(run_dir, "exists and is not a directory; choose a run directory")
     if not resume:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise InputError(run_dir, "is not empty; pass --resume to continue its run or choose a new directory")
-        return None, None
+        return None, None, None
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.is_file():
         raise InputError(run_dir, "has no checkpoint to resume from" if latest_checkpoint(run_dir) is None
                          else f"has checkpoints but no {CONFIG_FILE}; cannot check the resumed run's settings")
     saved = Config.load(saved_path)
-    for section in ("data", "model", "train"):
-        for f in dataclasses.fields(getattr(cfg, section)):
-            key = f"{section}.{f.name}"
-            old, new = getattr(getattr(saved, section), f.name), getattr(getattr(cfg, section), f.name)
-            if key not in RESUME_MAY_CHANGE and old != new:
-                raise ConfigError(f"{saved_path}: {key} was {old!r} in this run and is {new!r} now; that changes "
-                                  f"what the resumed steps compute, so keep {old!r} or start a new run")
+    _check_complete(saved_path)
+    old_settings, new_settings = _settings(saved), _settings(cfg)
+    for key, new in new_settings.items():
+        old = old_settings[key]
+        if key not in RESUME_MAY_CHANGE and old != new:
+            raise ConfigError(f"{saved_path}: {key} was {old!r} in this run and is {new!r} now; that changes "
+                              f"what the resumed steps compute, so keep {old!r} or start a new run")
     if (saved.data.shards_dir is None) != (cfg.data.shards_dir is None):
         raise ConfigError(f"{saved_path}: data.shards_dir was {saved.data.shards_dir!r} in this run and is "
                           f"{cfg.data.shards_dir!r} now; shards and NIfTI folders stream the patches in different "
                           "orders, so keep the run's source or start a new run")
     latest = latest_checkpoint(run_dir)
     if latest is None:
-        return saved, None
+        return saved, None, None
     facts = read_run_facts(latest)
+    recorded = read_run_settings(latest)
+    if recorded is not None:
+        for key, new in course_settings(cfg).items():
+            if key in recorded["settings"] and recorded["settings"][key] != new:
+                old = recorded["settings"][key]
+                raise ConfigError(f"{latest}: {key} was {old!r} when this run wrote this checkpoint and is {new!r} "
+                                  f"now ({CONFIG_FILE} was edited?); that changes what the resumed steps compute, "
+                                  f"so keep {old!r} or start a new run")
     for name in ("train", "data"):
         asked, used = getattr(cfg, name).seed, facts[f"{name}_seed"]
         if asked is not None and asked != used:
             raise ConfigError(f"{saved_path}: {name}.seed is {asked} now but this run used {used}; keep it "
                               "(or null) or start a new run")
-    return saved, facts
+    return saved, facts, recorded
+
+
+def _check_complete(path: Path) -> None:
+    """A run's ``config.yaml`` holds the data, model and train sections it was written with; one that
+    lacks them (emptied, cut short) would quietly resume with defaults in their place."""
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    missing = [s for s in ("data", "model", "train") if not isinstance(raw, dict) or not isinstance(raw.get(s), dict)]
+    if missing:
+        raise InputError(path, f"has no {'/'.join(missing)} section{'s' if len(missing) > 1 else ''}, which every "
+                               "run writes; restore this run's config.yaml or start a new run")
 
 
 def _resolve_seeds(cfg: Config, facts: dict[str, int] | None) -> dict[str, int]:
@@ -230,14 +293,21 @@ def _with_data_folders(cfg: Config, lr_dir, hr_dir) -> Config:
     return dataclasses.replace(cfg, data=data)
 
 
-def _check_data(run_dir: Path, facts: dict[str, int], now: dict[str, int]) -> None:
-    """On resume the data must give the steps per epoch and patch counts the run was trained with."""
+def _check_data(run_dir: Path, facts: dict[str, int], now: dict[str, int], recorded: dict | None,
+                stats: dict[str, dict[str, float] | None]) -> None:
+    """On resume the data must give the steps per epoch, patch counts and (where the checkpoint records
+    them) intensity statistics the run was trained with."""
     what = {"steps_per_epoch": "steps per epoch", "lr_patches": "LR patches", "hr_patches": "HR patches"}
-    for name, label in what.items():
-        if facts[name] != now[name]:
-            raise ConfigError(f"{run_dir / CONFIG_FILE}: the data now give {now[name]} {label}, but this run was "
-                              f"trained with {facts[name]}; point --lr-dir/--hr-dir (or data.shards_dir) at the "
-                              "run's data, or start a new run")
+    found = [(f"{now[name]} {label}", facts[name]) for name, label in what.items() if facts[name] != now[name]]
+    for name, label in (("hr_stats", "HR"), ("lr_stats", "LR")):
+        was, new = (recorded or {}).get("data", {}).get(name), stats[name]
+        if was is not None and new is not None and not all(math.isclose(was[k], new[k], rel_tol=STATS_RTOL,
+                                                                         abs_tol=1e-12) for k in was):
+            found.append((f"{label} intensities of mean {new['mean']:.6g}", f"a mean of {was['mean']:.6g}"))
+    if found:
+        given, then = found[0]
+        raise ConfigError(f"{run_dir / CONFIG_FILE}: the data now give {given}, but this run was trained with "
+                          f"{then}; point --lr-dir/--hr-dir (or data.shards_dir) at the run's data, or start a new run")
 
 
 def _check_epochs(saved_epochs: int | None, cfg: Config, done: int, steps_per_epoch: int, run_dir: Path) -> None:
@@ -304,7 +374,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
     run_dir = Path(run_dir)
     strategy = make_strategy(tc.strategy)
     check_batch_size(tc.batch_size, strategy)
-    saved_cfg, facts = _check_run_dir(cfg, run_dir, resume)
+    saved_cfg, facts, recorded = _check_run_dir(cfg, run_dir, resume)
     if saved_cfg is not None:  # folders not given again: the run's own
         cfg = _with_data_folders(cfg, cfg.data.lr_dir or saved_cfg.data.lr_dir, cfg.data.hr_dir or saved_cfg.data.hr_dir)
         for flag, given, folder, saved in (("--lr-dir", lr_dir, cfg.data.lr_dir, saved_cfg.data.lr_dir),
@@ -324,8 +394,9 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
                               else (0, data.hr.n_patches))
     now = {"train_seed": seeds["train"], "data_seed": seeds["data"], "steps_per_epoch": steps_per_epoch,
            "lr_patches": lr_patches, "hr_patches": hr_patches}
+    stats = data_statistics(data)
     if facts is not None:
-        _check_data(run_dir, facts, now)
+        _check_data(run_dir, facts, now, recorded, stats)
     keras.utils.set_random_seed(seeds["train"])
 
     chief = is_chief(strategy)
@@ -343,7 +414,8 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
             best_cycle = tf.Variable(math.inf, trainable=False, name="best_cycle_loss")
             epoch_state = EpochMeanState(model.metrics)
         state = dict(best_cycle_loss=best_cycle, run_facts=RunFacts(**now), **setup.checkpoint_objects)
-        checkpoint = tf.train.Checkpoint(**state, epoch_means=epoch_state)
+        settings = RunSettings(json.dumps({"settings": course_settings(seeded), "data": stats}, sort_keys=True))
+        checkpoint = tf.train.Checkpoint(**state, epoch_means=epoch_state, run_settings=settings)
         ring = CheckpointRing(checkpoint, out_dir / CHECKPOINT_DIR, KEEP_CHECKPOINTS)
         if facts is not None:
             path = latest_checkpoint(run_dir)

@@ -27,7 +27,8 @@ from ._common import option_values, user_errors
 def command(lr_dir, hr_dir, out_dir, patch_size, stride, config_path, dtype) -> None:
     """Write every training patch of LR-DIR and HR-DIR into TFRecord shards plus index.json.
 
-    Train on them with `data.shards_dir: SHARDS_DIR` in the config; the patch size must match.
+    Train on them with `data.shards_dir: SHARDS_DIR` in the config, with the data settings used here
+    (patch size, stride, ROI thresholds and margin, axis).
     """
     from microsr_tf.pipeline import prepare_shards, read_shard_index
 

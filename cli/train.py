@@ -124,6 +124,10 @@ def command(lr_dir, hr_dir, run_dir, config_path, resume, **flags):
     cfg = Config.load(config_path)
     with option_values():
         cfg = cfg.override(overrides_from_flags(flags), source="command line", unset=True)
+    if not resume and cfg.data.shards_dir is None:
+        for flag, given, key in (("--lr-dir", lr_dir, "lr_dir"), ("--hr-dir", hr_dir, "hr_dir")):
+            if given is None and getattr(cfg.data, key) is None:
+                raise click.UsageError(f"Missing option '{flag}' (or data.{key} in --config, or data.shards_dir)")
     result = train(cfg, lr_dir, hr_dir, run_dir, resume=resume)
     click.echo(f"Trained {plural(result.steps, 'step')} ({plural(result.epochs, 'epoch')}): {result.generator_path}")
     if result.best_generator_path is not None:

@@ -476,12 +476,27 @@ def read_shard_index(shards_dir: str | os.PathLike) -> dict:
     return index
 
 
+# the settings that decide which patches a folder gives: fixed in the shards when they are prepared
+SHARD_SETTINGS = ("patch_size", "stride", "min_foreground", "roi_threshold_lr", "roi_threshold_hr", "roi_margin",
+                  "axis")
+
+
+def _check_shard_settings(shards_dir: Path, index: dict, cfg: DataConfig) -> None:
+    """The run's data settings must be those the shards were prepared with: the run records them (and
+    its generator the ROI threshold that ``predict`` reuses), so other values would describe patches it
+    never saw."""
+    prepared = index["data_config"] if isinstance(index["data_config"], dict) else {}
+    prepared = {**prepared, "patch_size": index["patch_size"]}
+    for name in SHARD_SETTINGS:
+        if name in prepared and prepared[name] != getattr(cfg, name):
+            raise InputError(shards_dir / INDEX_NAME, f"these shards were prepared with data.{name} "
+                                                      f"{prepared[name]!r} but it is {getattr(cfg, name)!r} here; "
+                                                      f"set data.{name} to {prepared[name]!r} or prepare them again")
+
+
 def _shard_training_data(shards_dir: Path, cfg: DataConfig, n_val: int) -> TrainingData:
     index = read_shard_index(shards_dir)
-    if index["patch_size"] != cfg.patch_size:
-        raise InputError(shards_dir / INDEX_NAME, f"shards hold {index['patch_size']} px patches but "
-                                                  f"data.patch_size is {cfg.patch_size}; prepare them again "
-                                                  "or set data.patch_size to match")
+    _check_shard_settings(shards_dir, index, cfg)
     p, dtype = int(index["patch_size"]), index["dtype"]
     sources, val = {}, {}
     for domain in ("lr", "hr"):
@@ -547,9 +562,7 @@ def make_hr_patches(lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLike 
     if cfg.shards_dir is not None:
         shards_dir = Path(cfg.shards_dir)
         index = read_shard_index(shards_dir)
-        if index["patch_size"] != cfg.patch_size:
-            raise InputError(shards_dir / INDEX_NAME, f"shards hold {index['patch_size']} px patches but "
-                                                      f"data.patch_size is {cfg.patch_size}")
+        _check_shard_settings(shards_dir, index, cfg)
         entries = index["shards"]["hr"]
         source = _ShardSource([shards_dir / e["file"] for e in entries], [e["count"] for e in entries],
                               cfg.patch_size, index["dtype"])

@@ -129,6 +129,8 @@ def test_an_output_folder_that_is_a_file_is_exit_1_naming_it(tmp_path, args):
     ["rating-study", "make", "--lr", "a", "--method", "m=p", "--method", "m=q", "--out", "o"],
     ["demo", "--samples", "10001"],
     ["reproduce", "--out", "o", "--samples", "10001"],
+    ["train", "--hr-dir", "b", "--out", "o"],
+    ["train", "--lr-dir", "a", "--out", "o"],
 ])
 def test_out_of_range_option_values_are_usage_errors(args):
     # a malformed value is exit 2 before any file is looked at: "a", "b", "p" and "q" do not exist

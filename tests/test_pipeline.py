@@ -16,7 +16,7 @@ from skimage.filters import threshold_otsu
 
 from microsr_tf.config import DataConfig
 from microsr_tf.errors import InputError
-from microsr_tf.pipeline import make_training_data, prepare_shards, read_shard_index
+from microsr_tf.pipeline import make_hr_patches, make_training_data, prepare_shards, read_shard_index
 
 HR_SPACING = 0.1
 LR_FACTOR = 4
@@ -289,7 +289,15 @@ def test_shards_refuse_other_patch_size_and_bad_folders(folders, tmp_path):
     with pytest.raises(InputError) as exc:
         make_training_data(None, None, config(patch_size=64, stride=32, shards_dir=str(out)))
     assert_one_line_naming(exc, "index.json")
-    assert "32 px" in str(exc.value)
+    assert "prepared with data.patch_size 32 but it is 64 here" in str(exc.value)
+    for other, needle in [(dict(stride=8), "data.stride 16 but it is 8"),
+                          (dict(roi_threshold_lr=0.5), "data.roi_threshold_lr None but it is 0.5")]:
+        for make in (make_training_data, make_hr_patches):  # the run would record settings its patches lack
+            with pytest.raises(InputError) as exc:
+                make(None, None, config(shards_dir=str(out), **other))
+            assert_one_line_naming(exc, "index.json")
+            assert needle in str(exc.value)
+    assert make_training_data(None, None, config(shards_dir=str(out), seed=9, shuffle_buffer=8)).n_lr_patches > 0
     with pytest.raises(InputError) as exc:
         make_training_data(None, None, config(shards_dir=str(lr_dir)))
     assert_one_line_naming(exc, str(lr_dir))

@@ -99,7 +99,7 @@ def _invoke(*args: str):
 
 
 @pytest.mark.parametrize("case", ["empty", "no_nifti", "lr_finer", "patch_too_big", "unknown_key",
-                                  "indivisible_batch", "one_volume_too_small", "out_inside_data"])
+                                  "indivisible_batch", "one_volume_too_small", "out_inside_data", "out_is_data"])
 def test_bad_input_is_one_line_and_leaves_no_run_dir(case, folders, tmp_path, request):
     lr, hr = folders
     run = tmp_path / "run"
@@ -133,6 +133,8 @@ def test_bad_input_is_one_line_and_leaves_no_run_dir(case, folders, tmp_path, re
         for f in sorted(lr.iterdir()):
             os.symlink(f, inside / f.name)
         lr, run = inside, inside / "run"
+    elif case == "out_is_data":  # the data folder itself, not empty: the mistake is the folder, not --resume
+        run = hr
     elif case == "indivisible_batch":
         request.getfixturevalue("two_cpus")
         extra = ["--strategy", "mirrored"]
@@ -146,9 +148,13 @@ def test_bad_input_is_one_line_and_leaves_no_run_dir(case, folders, tmp_path, re
                 "one_volume_too_small": f"{hr}/crop.nii.gz: its slices are 20 x 20 px at the HR spacing, smaller",
                 "lr_finer": f"{lr}: LR in-plane spacing 0.1 x 0.1 mm is not coarser than the HR target 0.4 x 0.4 mm",
                 "unknown_key": "learnig_rate", "indivisible_batch": "not divisible",
-                "out_inside_data": f"{run}: lies inside the data folder {lr}"}[case]
+                "out_inside_data": f"{run}: lies inside the data folder {lr}",
+                "out_is_data": f"{hr}: lies inside the data folder {hr}"}[case]
     assert expected in lines[0]
-    assert not run.exists()
+    if case == "out_is_data":
+        assert sorted(p.name for p in hr.iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
+    else:
+        assert not run.exists()
 
 
 def test_a_disk_that_refuses_the_checkpoint_is_one_line_naming_it_and_leaves_no_run_dir(folders, tmp_path):

@@ -374,6 +374,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
     run_dir = Path(run_dir)
     strategy = make_strategy(tc.strategy)
     check_batch_size(tc.batch_size, strategy)
+    check_outside(run_dir, (cfg.data.lr_dir, cfg.data.hr_dir, cfg.data.shards_dir))  # before "is not empty"
     saved_cfg, facts, recorded = _check_run_dir(cfg, run_dir, resume)
     if saved_cfg is not None:  # folders not given again: the run's own
         cfg = _with_data_folders(cfg, cfg.data.lr_dir or saved_cfg.data.lr_dir, cfg.data.hr_dir or saved_cfg.data.hr_dir)
@@ -382,7 +383,7 @@ def train(cfg: Config, lr_dir: str | os.PathLike | None, hr_dir: str | os.PathLi
             if given is None and folder is not None and folder == saved and not os.path.isdir(folder):
                 raise InputError(folder, f"directory not found: it is this run's data folder in its {CONFIG_FILE}; "
                                          f"if the data moved, give its new place with {flag}")
-    check_outside(run_dir, (cfg.data.lr_dir, cfg.data.hr_dir, cfg.data.shards_dir))
+        check_outside(run_dir, (cfg.data.lr_dir, cfg.data.hr_dir, cfg.data.shards_dir))
     seeds = _resolve_seeds(cfg, facts)
     # the run's own config with the seeds it uses: config.yaml holds them, so that
     # `train --config RUN/config.yaml` repeats the run (cfg itself keeps null seeds as given)
